@@ -1,0 +1,28 @@
+# Pinned CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PYTHON ?= python
+DEMO_MODEL ?= .cache/demo-model
+
+.PHONY: install install-test demo test test-all bench
+
+install:
+	$(PYTHON) -m pip install -q $(TORCH)
+	$(PYTHON) -m pip install -q -e .
+
+install-test:
+	$(PYTHON) -m pip install -q $(TORCH)
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+$(DEMO_MODEL)/config.json:
+	hydraserve make-model $(DEMO_MODEL) --arch llama --hidden 256 --layers 8 --vocab 4096
+
+demo: install $(DEMO_MODEL)/config.json
+	hydraserve generate --model $(DEMO_MODEL) --chat --prompt "Tell me about serverless inference." \
+		--max-tokens 32 --pipeline 2
+
+# The default test run: CPU-only, no GPU and no vLLM needed.
+test: install-test
+	$(PYTHON) -m pytest -q tests
+
+bench:
+	$(PYTHON) benchmarks/engine.py

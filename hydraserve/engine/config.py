@@ -1,0 +1,169 @@
+"""Typed model and engine configuration, parsed once from a checkpoint's ``config.json``."""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelLoadError(ValueError):
+    """A model directory cannot be served: missing files, bad config, unsupported architecture."""
+
+
+class Arch(enum.Enum):
+    LLAMA = "llama"
+    MISTRAL = "mistral"
+    QWEN2 = "qwen2"
+    OPT = "opt"
+
+
+# Hugging Face ``architectures`` entry -> our family
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": Arch.LLAMA,
+    "MistralForCausalLM": Arch.MISTRAL,
+    "Qwen2ForCausalLM": Arch.QWEN2,
+    "OPTForCausalLM": Arch.OPT,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the engine needs; field names follow the Llama convention."""
+
+    arch: Arch
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position: int
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None
+    # OPT only
+    word_embed_proj_dim: int = 0
+    do_layer_norm_before: bool = True
+    # from generation_config.json / config.json
+    eos_token_ids: tuple[int, ...] = ()
+    checkpoint_dtype: str = "float32"
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model directory {model_dir} does not exist")
+        path = model_dir / "config.json"
+        if not path.exists():
+            raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path}: invalid JSON ({e})") from None
+        gen_path = model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        return cls.from_hf(raw, gen)
+
+    @classmethod
+    def from_hf(cls, raw: dict, gen: dict | None = None) -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+        if arch is None:
+            supported = ", ".join(sorted(HF_ARCHITECTURES))
+            raise ModelLoadError(
+                f"unsupported architecture {archs or raw.get('model_type')!r}; supported: {supported}")
+        eos = (gen or {}).get("eos_token_id", raw.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        try:
+            if arch is Arch.OPT:
+                return cls._from_opt(raw, eos_ids, dtype)
+            return cls._from_llama(arch, raw, eos_ids, dtype)
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks required field {e}") from None
+
+    @classmethod
+    def _from_llama(cls, arch: Arch, raw: dict, eos_ids: tuple[int, ...], dtype: str) -> "ModelConfig":
+        heads = raw["num_attention_heads"]
+        # transformers >= 5 writes rope settings as "rope_parameters"; older files use
+        # "rope_theta" + "rope_scaling". Accept both.
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        window = raw.get("sliding_window")
+        if arch is Arch.QWEN2 and not raw.get("use_sliding_window", False):
+            window = None
+        return cls(
+            arch=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            intermediate_size=raw["intermediate_size"],
+            max_position=raw.get("max_position_embeddings", 4096),
+            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=raw.get("tie_word_embeddings", arch is Arch.QWEN2),
+            qkv_bias=arch is Arch.QWEN2 or raw.get("attention_bias", False),
+            o_bias=raw.get("attention_bias", False),
+            mlp_bias=raw.get("mlp_bias", False),
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            sliding_window=window,
+            eos_token_ids=eos_ids,
+            checkpoint_dtype=dtype,
+        )
+
+    @classmethod
+    def _from_opt(cls, raw: dict, eos_ids: tuple[int, ...], dtype: str) -> "ModelConfig":
+        hidden = raw["hidden_size"]
+        heads = raw["num_attention_heads"]
+        if raw.get("activation_function", "relu") != "relu":
+            raise ModelLoadError("only OPT models with relu activation are supported")
+        return cls(
+            arch=Arch.OPT,
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            intermediate_size=raw["ffn_dim"],
+            max_position=raw.get("max_position_embeddings", 2048),
+            norm_eps=1e-5,
+            tie_word_embeddings=True,
+            qkv_bias=raw.get("enable_bias", True),
+            o_bias=raw.get("enable_bias", True),
+            mlp_bias=raw.get("enable_bias", True),
+            word_embed_proj_dim=raw.get("word_embed_proj_dim") or hidden,
+            do_layer_norm_before=raw.get("do_layer_norm_before", True),
+            eos_token_ids=eos_ids,
+            checkpoint_dtype=dtype,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine (or one pipeline stage of it) runs.
+
+    ``num_kv_blocks`` fixes the KV cache size; when None it is derived from ``kv_cache_mb``
+    (per stage: a stage stores only its own layers, but every stage has the same block count so that
+    one block table serves the whole pipeline).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_mb: int = 256
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int = 3072

@@ -1,0 +1,83 @@
+"""The engine loop in one process: schedule -> run the stages in order -> sample -> update.
+
+``pipeline=p`` builds p stage runners with the paper's layer split and hands hidden states from
+one to the next, exactly as separate worker processes do over sockets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hydraserve.engine.config import EngineConfig, ModelConfig
+from hydraserve.engine.kv_cache import num_blocks_for
+from hydraserve.engine.runner import StageRunner, iter_checkpoint, torch_dtype
+from hydraserve.engine.sampler import sample
+from hydraserve.engine.scheduler import Scheduler, TokenOutput
+from hydraserve.engine.sequence import FinishReason, SamplingParams
+from hydraserve.store.checkpoint import scan_checkpoint
+from hydraserve.store.layout import StageLayout
+
+
+@dataclass
+class GenerateResult:
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig | None = None, pipeline: int = 1):
+        self.model_dir = Path(model_dir)
+        self.cfg = cfg or EngineConfig()
+        self.model_cfg = ModelConfig.from_dir(self.model_dir)
+        self.layout = StageLayout(scan_checkpoint(self.model_dir))
+        self.max_model_len = min(self.cfg.max_model_len, self.model_cfg.max_position)
+        elem = torch.empty((), dtype=torch_dtype(self.cfg.dtype)).element_size()
+        self.num_blocks = num_blocks_for(self.model_cfg, self.cfg, elem)
+        self.stages = [StageRunner(self.model_cfg, spec, self.cfg, self.num_blocks,
+                                   self.max_model_len) for spec in self.layout.stages(pipeline)]
+        for stage in self.stages:
+            stage.load(iter_checkpoint(self.model_dir, self.layout.tensor_names(stage.spec)))
+        self.scheduler = Scheduler(self.cfg, self.num_blocks, self.max_model_len,
+                                   self.model_cfg.eos_token_ids)
+
+    @property
+    def pipeline(self) -> int:
+        return len(self.stages)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        return self.scheduler.add(prompt_ids, params)
+
+    def step(self) -> list[TokenOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        x = None
+        for stage in self.stages:
+            x = stage.execute(batch, x)
+        return self.scheduler.update(batch, sample(x, batch.samples))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
+        """Run prompts to completion together (continuous batching); results in prompt order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        reasons: dict[int, FinishReason] = {}
+        while self.scheduler.has_unfinished():
+            for out in self.step():
+                tokens[out.seq_id].append(out.token_id)
+                if out.finish_reason is not None:
+                    reasons[out.seq_id] = out.finish_reason
+        return [GenerateResult(tokens[i], reasons[i]) for i in ids]
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits [V] of the next token after ``prompt_ids`` (a one-token request, for checks)."""
+        seq_id = self.add_request(prompt_ids, SamplingParams(max_tokens=1))
+        batch = self.scheduler.schedule()
+        assert batch is not None and batch.seq_ids == [seq_id], "engine must be idle"
+        x = None
+        for stage in self.stages:
+            x = stage.execute(batch, x)
+        self.scheduler.update(batch, sample(x, batch.samples))
+        return x[0]

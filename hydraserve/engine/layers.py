@@ -1,0 +1,167 @@
+"""Building blocks shared by the model families: linear, norms, rotary embedding, paged attention.
+
+Parameters are allocated with ``torch.empty`` (no random init: every one is overwritten by the
+loader, which checks that none is left unloaded).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hydraserve.engine.config import ModelConfig, ModelLoadError
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. ``shards`` lists the output sizes of checkpoint tensors packed into it
+    (q/k/v into qkv_proj, gate/up into gate_up_proj); the loader copies each into its rows."""
+
+    def __init__(self, in_features: int, shards: list[int] | int, bias: bool,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.shards = [shards] if isinstance(shards, int) else list(shards)
+        self.weight = _param(sum(self.shards), in_features, dtype=dtype, device=device)
+        self.bias = _param(sum(self.shards), dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(n, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in float32 like the reference, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(n, dtype=dtype, device=device)
+        self.bias = _param(n, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for the config's rope variant (default, linear, llama3)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return inv
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the rotate-half convention, cos/sin tables precomputed."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device):
+        super().__init__()
+        inv = rope_inv_freq(cfg)
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class PrefillSlice:
+    """Rows [start, end) of the step's tokens belong to one sequence with more than one new token.
+    ``fresh``: its context is exactly these tokens (plain causal attention on the new k/v)."""
+
+    start: int
+    end: int
+    fresh: bool
+    ctx_slots: torch.Tensor | None = None  # [L] cache slots of the whole context
+    mask: torch.Tensor | None = None  # [Q, L] bool
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step tensors every attention layer of a stage uses (built once per step)."""
+
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] where each new token's k/v is written
+    decode_rows: torch.Tensor | None  # [Bd] rows of single-token sequences
+    decode_slots: torch.Tensor | None  # [Bd, Lmax] cache slots of their contexts (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax]
+    prefills: list[PrefillSlice]
+    last_rows: torch.Tensor  # [B] row of each sequence's last token
+    window: int | None = None
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KV, D]; caches: [slots, KV, D]. Returns [T, H, D].
+
+    New k/v are written into the cache first; single-token sequences attend over their cached
+    context in one padded batch, multi-token ones one by one (causal)."""
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KV, L, D]
+        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa)
+        out[meta.decode_rows] = o.squeeze(2)
+    for s in meta.prefills:
+        qs = q[s.start:s.end].transpose(0, 1)  # [H, Q, D]
+        if s.fresh:
+            ks, vs = k[s.start:s.end], v[s.start:s.end]
+        else:
+            ks, vs = k_cache[s.ctx_slots], v_cache[s.ctx_slots]
+        o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1), vs.transpose(0, 1),
+                                           attn_mask=s.mask, is_causal=s.mask is None,
+                                           enable_gqa=gqa)
+        out[s.start:s.end] = o.transpose(0, 1)
+    return out
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = _param(num, dim, dtype=dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)

@@ -1,0 +1,85 @@
+"""A stage runner: one stage's model slice and KV cache, executing step batches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from hydraserve.engine.batch import StepBatch, attention_metadata
+from hydraserve.engine.config import EngineConfig, ModelConfig, ModelLoadError
+from hydraserve.engine.kv_cache import KVCache
+from hydraserve.engine.models.registry import STAGE_CLASSES
+from hydraserve.store.checkpoint import scan_checkpoint
+from hydraserve.store.layout import StageSpec
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def torch_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was requested but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def iter_checkpoint(model_dir: str | Path, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for ``names`` from a checkpoint directory, one file at a time."""
+    from safetensors import safe_open
+
+    wanted = set(names)
+    by_file: dict[Path, list[str]] = {}
+    for name, info in scan_checkpoint(Path(model_dir)).items():
+        if name in wanted:
+            by_file.setdefault(info.file, []).append(name)
+    for path, file_names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in file_names:
+                yield name, f.get_tensor(name)
+
+
+class StageRunner:
+    def __init__(self, model_cfg: ModelConfig, spec: StageSpec, cfg: EngineConfig,
+                 num_blocks: int, max_model_len: int):
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.dtype, self.device = torch_dtype(cfg.dtype), torch_device(cfg.device)
+        self.model = STAGE_CLASSES[model_cfg.arch](model_cfg, spec, self.dtype, self.device,
+                                                   max_model_len)
+        self.kv = KVCache(model_cfg, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.kv.add_layers(spec.layers)
+        self.loaded: set[str] = set()  # checkpoint tensors loaded so far
+
+    @property
+    def spec(self) -> StageSpec:
+        return self.model.spec
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load tensors and check the stage is complete; returns the tensor names loaded."""
+        loaded = self.model.load_weights(weights)
+        self.loaded |= loaded
+        missing = self.model.expected_tensors() - self.loaded
+        if missing:
+            raise ModelLoadError(f"stage {self.spec.rank}/{self.spec.p} is missing tensors: "
+                                 f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}")
+        return loaded
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Run this stage: token ids (first stage) or the previous stage's hidden states in;
+        hidden states out, or on the last stage the logits of each sequence's last token [B, V]."""
+        meta = attention_metadata(batch, self.cfg.block_size, self.model_cfg.sliding_window,
+                                  self.device)
+        if self.spec.is_first:
+            ids = torch.tensor(batch.token_ids, dtype=torch.long).to(self.device)
+            hidden = self.model.embed(ids, meta.positions)
+        elif hidden is None:
+            raise ValueError(f"stage {self.spec.rank} needs the previous stage's hidden states")
+        hidden = self.model.run_layers(hidden.to(self.device, self.dtype), meta, self.kv.layers)
+        if self.spec.is_last:
+            return self.model.logits(hidden[meta.last_rows]).float()
+        return hidden

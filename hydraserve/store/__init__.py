@@ -1,0 +1,1 @@
+"""Model storage: checkpoint reading and the pipeline-stage layout (torch-free)."""

@@ -1,0 +1,31 @@
+"""HydraServe: serverless LLM serving with pipeline-parallel cold starts."""
+from setuptools import find_packages, setup
+
+setup(
+    name="hydraserve",
+    version="0.1.0",
+    description="Serverless LLM serving with pipeline-parallel cold starts and consolidation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hydraserve", "hydraserve.*"]),
+    install_requires=[
+        # torch is installed first and pinned by the Makefile / CI (a CPU build); an unpinned
+        # requirement here would pull a multi-GB CUDA build on a machine without it.
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "numpy>=1.24",
+        "jinja2>=3.1",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            # Reference implementation for correctness tests only; the range is one the real
+            # vLLM for CPU also accepts, so one environment can hold both.
+            "transformers>=5.16.1,<5.20",
+        ],
+    },
+    entry_points={"console_scripts": ["hydraserve=hydraserve.cli:main"]},
+)

@@ -1,0 +1,31 @@
+"""Shared fixtures: small models of every supported family, made once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from hydraserve.make_model import ModelSpec, make_model
+
+# name -> spec; 4 layers so every model splits into p = 1..4 stages
+MODEL_SPECS = {
+    "llama": ModelSpec(arch="llama", hidden=64, layers=4, heads=4, kv_heads=2, vocab=512, seed=1),
+    "llama3-rope": ModelSpec(
+        arch="llama", hidden=64, layers=4, heads=4, kv_heads=1, vocab=512, seed=2,
+        extra_config={"rope_theta": 500000.0, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "qwen2": ModelSpec(arch="qwen2", hidden=64, layers=4, heads=4, kv_heads=2, vocab=512, seed=3),
+    "mistral-window": ModelSpec(arch="mistral", hidden=64, layers=4, heads=4, kv_heads=2,
+                                vocab=512, seed=4, extra_config={"sliding_window": 8}),
+    "opt": ModelSpec(arch="opt", hidden=64, layers=4, heads=4, vocab=512, seed=5),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: str(make_model(root / name, spec)) for name, spec in MODEL_SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs) -> str:
+    return model_dirs["llama"]
