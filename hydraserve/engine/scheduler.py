@@ -40,6 +40,7 @@ class Scheduler:
         self._ids = count()
         self._steps = count()
         self.peak_blocks_used = 0
+        self.num_preemptions = 0
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -84,6 +85,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.allocator.free(seq.block_ids)
         seq.block_ids, seq.num_computed, seq.status = [], 0, SeqStatus.WAITING

@@ -1,0 +1,63 @@
+"""The paper's stage split and exact tensor coverage of the stages."""
+from __future__ import annotations
+
+import pytest
+
+from hydraserve.engine.engine import LLMEngine
+from hydraserve.store.checkpoint import scan_checkpoint
+from hydraserve.store.layout import StageLayout, split_layers
+
+from conftest import MODEL_SPECS
+
+
+def test_split_ties_go_to_the_later_stage():
+    # equal loads: layer 0 -> stage 1, layer 1 -> stage 0, layer 2 -> stage 1
+    assert split_layers([10, 10, 10], 0, 0, 2) == [range(0, 1), range(1, 3)]
+
+
+def test_split_balances_embedding_and_head():
+    assert split_layers([10] * 4, 25, 25, 2) == [range(0, 2), range(2, 4)]
+    # a heavy embedding leaves stage 0 with fewer layers
+    # loads [30, 0]: s1 s1 s1(tie) s0 s1(tie) -> 1 layer on stage 0
+    assert split_layers([10] * 6, 30, 0, 2) == [range(0, 1), range(1, 6)]
+    assert split_layers([10] * 4, 100, 0, 2) == [range(0, 0), range(0, 4)]
+
+
+def test_split_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        split_layers([10] * 2, 0, 0, 3)
+    with pytest.raises(ValueError):
+        split_layers([10] * 2, 0, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "opt"])
+def test_stages_cover_checkpoint_exactly_once(model_dirs, name):
+    tensors = scan_checkpoint(model_dirs[name])
+    layout = StageLayout(tensors)
+    for p in (1, 2, 3, 4):
+        engine = LLMEngine(model_dirs[name], pipeline=p)
+        specs = [s.spec for s in engine.stages]
+        assert specs[0].layer_start == 0 and specs[-1].layer_end == layout.num_layers
+        assert all(a.layer_end == b.layer_start for a, b in zip(specs, specs[1:]))
+        counts: dict[str, int] = {}
+        for stage in engine.stages:
+            assert stage.loaded == set(layout.tensor_names(stage.spec))
+            for n in stage.loaded:
+                counts[n] = counts.get(n, 0) + 1
+        assert set(counts) == set(tensors)
+        tied = layout.tied_embedding if layout.tied and p > 1 else None
+        assert {n for n, c in counts.items() if c != 1} == ({tied} if tied else set())
+        # what a stage lacks plus what it holds is the whole model
+        for spec in specs:
+            assert set(layout.rest_names(spec)) | set(layout.tensor_names(spec)) == set(tensors)
+
+
+def test_first_and_last_stage_hold_embedding_and_head(model_dirs):
+    layout = StageLayout(scan_checkpoint(model_dirs["llama"]))
+    first, *_, last = layout.stages(3)
+    assert "model.embed_tokens.weight" in layout.tensor_names(first)
+    assert "lm_head.weight" not in layout.tensor_names(first)
+    assert {"lm_head.weight", "model.norm.weight"} <= set(layout.tensor_names(last))
+    assert "model.embed_tokens.weight" not in layout.tensor_names(last)
+    with pytest.raises(ValueError):
+        layout.stage(3, 3)
