@@ -29,9 +29,27 @@ class Linear(nn.Module):
         self.shards = [shards] if isinstance(shards, int) else list(shards)
         self.weight = _param(sum(self.shards), in_features, dtype=dtype, device=device)
         self.bias = _param(sum(self.shards), dtype=dtype, device=device) if bias else None
+        self._packed: torch.Tensor | None = None
+
+    def pack(self, keep_dense: bool) -> None:
+        """Float32 on CPU: pre-pack the loaded weight for oneDNN, whose small-batch GEMM is 2-3x
+        faster here than the default path. The dense copy is dropped unless another module
+        shares it (a tied embedding)."""
+        if self._packed is not None or not can_pack(self.weight):
+            return
+        self._packed = self.weight.data.to_mkldnn()
+        if not keep_dense:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
 
 
 class RMSNorm(nn.Module):

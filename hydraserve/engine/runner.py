@@ -66,6 +66,7 @@ class StageRunner:
         if missing:
             raise ModelLoadError(f"stage {self.spec.rank}/{self.spec.p} is missing tensors: "
                                  f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}")
+        self.model.pack_weights()
         return loaded
 
     @torch.inference_mode()

@@ -130,6 +130,14 @@ class StageModel(nn.Module):
                 loaded.add(name)
         return loaded
 
+    def pack_weights(self) -> None:
+        """Called once all tensors are loaded: lay weights out for fast inference."""
+        shared = {id(p) for n, p in self.named_parameters(remove_duplicate=False)
+                  if not isinstance(self.get_submodule(n.rsplit(".", 1)[0]), Linear)}
+        for mod in self.modules():
+            if isinstance(mod, Linear):
+                mod.pack(keep_dense=id(mod.weight) in shared)
+
     def expected_tensors(self) -> set[str]:
         """Checkpoint tensor names (canonical form) this stage must load to be complete."""
         names = set()
