@@ -18,6 +18,7 @@ setup(
         "numpy>=1.24",
         "jinja2>=3.1",
         "pyyaml>=6.0",
+        "aiohttp>=3.9",
     ],
     extras_require={
         "test": [

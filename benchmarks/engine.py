@@ -61,7 +61,7 @@ def bench_ours(model: Path, repeats: int, prompt_len: int, decode_prompt_len: in
 
     torch.manual_seed(0)
     engine = LLMEngine(model, EngineConfig(max_model_len=1024))
-    nparams = sum(p.numel() for s in engine.stages for p in s.model.parameters())
+    nparams = sum(t.nbytes for t in engine.layout.tensors.values()) // 4  # float32 checkpoint
 
     def run(prompts: list[list[int]], n: int) -> list[float]:
         """Step end times; the first step is the prefill."""

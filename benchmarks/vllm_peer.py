@@ -24,8 +24,9 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
+    # no prefix caching: the benchmark repeats prompts, and a cache hit would skip the prefill
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, seed=0,
-              enforce_eager=False)
+              enable_prefix_caching=False)
 
     def run(prompts: list[list[int]], n: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -17,7 +18,7 @@ from hydraserve.engine.sampler import sample
 from hydraserve.engine.scheduler import Scheduler, TokenOutput
 from hydraserve.engine.sequence import FinishReason, SamplingParams
 from hydraserve.store.checkpoint import scan_checkpoint
-from hydraserve.store.layout import StageLayout
+from hydraserve.store.layout import StageLayout, StageSpec
 
 
 @dataclass
@@ -27,7 +28,10 @@ class GenerateResult:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, cfg: EngineConfig | None = None, pipeline: int = 1):
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig | None = None, pipeline: int = 1,
+                 weights: Callable[[StageSpec], Iterable[tuple[str, torch.Tensor]]] | None = None):
+        """``weights(spec)`` gives a stage's tensors (default: read them from ``model_dir``;
+        a progressive region's ``iter_region`` streams them while they arrive)."""
         self.model_dir = Path(model_dir)
         self.cfg = cfg or EngineConfig()
         self.model_cfg = ModelConfig.from_dir(self.model_dir)
@@ -37,8 +41,10 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(self.model_cfg, self.cfg, elem)
         self.stages = [StageRunner(self.model_cfg, spec, self.cfg, self.num_blocks,
                                    self.max_model_len) for spec in self.layout.stages(pipeline)]
+        weights = weights or (lambda spec: iter_checkpoint(self.model_dir,
+                                                           self.layout.tensor_names(spec)))
         for stage in self.stages:
-            stage.load(iter_checkpoint(self.model_dir, self.layout.tensor_names(stage.spec)))
+            stage.load(weights(stage.spec))
         self.scheduler = Scheduler(self.cfg, self.num_blocks, self.max_model_len,
                                    self.model_cfg.eos_token_ids)
 

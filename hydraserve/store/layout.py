@@ -120,10 +120,8 @@ class StageLayout:
 
     def tensor_names(self, spec: StageSpec) -> list[str]:
         """Names of the checkpoint tensors stage ``spec`` holds, in checkpoint order."""
-        names = [n for n in self.tensors if spec.holds(*self.roles[n])]
-        if spec.is_last and self.tied and self.tied_embedding and self.tied_embedding not in names:
-            names.append(self.tied_embedding)
-        return names
+        head_embed = self.tied_embedding if spec.is_last and self.tied else None
+        return [n for n in self.tensors if spec.holds(*self.roles[n]) or n == head_embed]
 
     def rest_names(self, spec: StageSpec) -> list[str]:
         """Tensors a stage lacks to become the whole model (its consolidation fetch)."""

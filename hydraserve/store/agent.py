@@ -1,0 +1,360 @@
+"""The node storage agent: pulls images from the remote store into shared memory.
+
+One agent runs on every (emulated) GPU server. On a prefetch order it creates a shared-memory
+region ``[counter: u64 LE][image bytes]`` and fills it over ``streams`` parallel HTTP range
+connections, chunk by chunk in order, advancing the counter to the number of *contiguous* image
+bytes received. A worker attaches to the region (even before the fetch ends) and loads each
+tensor as soon as the counter passes its end. All fetches of a node share its NIC limit fairly.
+A cut connection resumes from the last byte received. Whole-model (``full``) images may stay
+cached after their readers leave, LRU within the cache budget. HTTP API:
+
+  GET    /health
+  POST   /prefetch   {"model", "kind", "p", "rank"}  -> region (idempotent per image)
+  POST   /attach     same body -> region, and counts the caller as a reader
+  POST   /release    {"id"}     -> the caller is done; the region is freed when no reader is left
+                                   (a cached whole model stays, evictable)
+  GET    /regions, GET /regions/{id}, DELETE /regions/{id}
+  GET    /cache      the models this node holds whole
+
+A region is described as {"id", "shm", "offset": 0, "length", "state", "received", ...}:
+``shm`` is the segment name; its first 8 bytes are the counter, the image follows.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+
+import aiohttp
+from aiohttp import web
+
+from hydraserve.store.bandwidth import Link
+from hydraserve.store.image import ImageKind, ImageSpec
+
+log = logging.getLogger("hydraserve.agent")
+
+COUNTER = 8  # bytes of the received-bytes counter at the start of every region
+
+
+class RegionState(enum.Enum):
+    FETCHING = "fetching"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class FetchError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Region:
+    id: str
+    spec: ImageSpec
+    size: int
+    shm: shared_memory.SharedMemory
+    state: RegionState = RegionState.FETCHING
+    readers: int = 0
+    cached: bool = False
+    error: str | None = None
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    task: asyncio.Task | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_received(self, n: int) -> None:
+        self.received = n
+        struct.pack_into("<Q", self.shm.buf, 0, n)
+
+    def describe(self) -> dict:
+        secs = (self.finished or time.monotonic()) - self.started
+        return {"id": self.id, "shm": self.shm.name, "offset": 0, "length": self.size,
+                "state": self.state.value, "received": self.received, "readers": self.readers,
+                "cached": self.cached, "error": self.error, **self.spec.to_dict(),
+                "seconds": round(secs, 4),
+                "gbps": round(self.received * 8 / 1e9 / secs, 4) if secs > 0 else None}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    remote: str  # base URL of the remote store
+    nic_gbps: float | None = None  # None: unlimited
+    cache_gb: float = 0.0
+    streams: int = 2
+    chunk_mb: float = 4.0
+    retries: int = 5
+
+
+class Agent:
+    """Owns every region of one node; all methods run on the agent's event loop."""
+
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.nic = Link(cfg.nic_gbps)
+        self.regions: dict[str, Region] = {}
+        self.by_key: dict[str, Region] = {}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30))
+
+    async def close(self) -> None:
+        for r in list(self.regions.values()):
+            self._free(r)
+        if self.session:
+            await self.session.close()
+
+    # -- regions -----------------------------------------------------------------------------
+    def _url(self, spec: ImageSpec) -> str:
+        return (f"{self.cfg.remote.rstrip('/')}/models/{spec.model}/image?kind={spec.kind.value}"
+                f"&p={spec.p}&rank={spec.rank}")
+
+    async def _size(self, spec: ImageSpec) -> int:
+        async with self.session.head(self._url(spec)) as resp:
+            if resp.status != 200:
+                text = await self._error_text(spec)
+                raise FetchError(resp.status if resp.status < 500 else 502, text)
+            return int(resp.headers["Content-Length"])
+
+    async def _error_text(self, spec: ImageSpec) -> str:
+        async with self.session.get(self._url(spec)) as resp:
+            try:
+                return (await resp.json())["error"]
+            except (ValueError, KeyError, aiohttp.ContentTypeError):
+                return f"remote store answered {resp.status}"
+
+    async def prefetch(self, spec: ImageSpec) -> Region:
+        region = self.by_key.get(spec.key)
+        if region is not None and region.state is not RegionState.FAILED:
+            region.last_used = time.monotonic()
+            return region
+        if region is not None:
+            self._free(region)
+        size = await self._size(spec)
+        region = self.by_key.get(spec.key)  # another order for it may have won the race
+        if region is not None:
+            return region
+        shm = shared_memory.SharedMemory(name=f"hs_{secrets.token_hex(8)}", create=True,
+                                         size=COUNTER + max(size, 1))
+        region = Region(secrets.token_hex(6), spec, size, shm)
+        region.set_received(0)
+        region.cached = spec.kind is ImageKind.FULL and self._make_room(size)
+        self.regions[region.id] = region
+        self.by_key[spec.key] = region
+        region.task = asyncio.create_task(self._fetch(region))
+        log.info("node %s: prefetch %s (%d bytes) into %s", self.cfg.node, spec.key, size, shm.name)
+        return region
+
+    def _make_room(self, size: int) -> bool:
+        """Evict least recently used idle cached models until ``size`` fits the cache budget."""
+        budget = self.cfg.cache_gb * 1e9
+        if size > budget:
+            return False
+        cached = [r for r in self.regions.values() if r.cached]
+        used = sum(r.size for r in cached)
+        for victim in sorted(cached, key=lambda r: r.last_used):
+            if used + size <= budget:
+                break
+            if victim.readers == 0 and victim.state is not RegionState.FETCHING:
+                log.info("node %s: evict cached %s", self.cfg.node, victim.spec.model)
+                used -= victim.size
+                self._free(victim)
+        return used + size <= budget
+
+    def attach(self, region: Region) -> Region:
+        region.readers += 1
+        region.last_used = time.monotonic()
+        return region
+
+    def release(self, region: Region) -> None:
+        region.readers = max(0, region.readers - 1)
+        region.last_used = time.monotonic()
+        if region.readers == 0 and not (region.cached and region.state is not RegionState.FAILED):
+            self._free(region)
+
+    def _free(self, region: Region) -> None:
+        if region.task and not region.task.done():
+            region.task.cancel()
+        self.regions.pop(region.id, None)
+        if self.by_key.get(region.spec.key) is region:
+            del self.by_key[region.spec.key]
+        try:
+            region.shm.close()
+            region.shm.unlink()
+        except FileNotFoundError:
+            pass
+        except BufferError:  # a view is still alive in this process; unlink the name anyway
+            region.shm.unlink()
+
+    # -- fetching ----------------------------------------------------------------------------
+    async def _fetch(self, region: Region) -> None:
+        chunk = max(64 * 1024, int(self.cfg.chunk_mb * 2**20))
+        spans = [(s, min(s + chunk, region.size)) for s in range(0, region.size, chunk)]
+        got = [0] * len(spans)
+        order = iter(range(len(spans)))
+        first_open = 0
+
+        def advance() -> None:
+            nonlocal first_open
+            while first_open < len(spans) and got[first_open] == spans[first_open][1] - spans[first_open][0]:
+                first_open += 1
+            if first_open == len(spans):
+                region.set_received(region.size)
+            else:
+                region.set_received(spans[first_open][0] + got[first_open])
+
+        async def stream() -> None:
+            for i in order:
+                await self._fetch_span(region, spans[i], i, got, advance)
+
+        try:
+            await asyncio.gather(*(stream() for _ in range(max(1, self.cfg.streams))))
+            region.state = RegionState.READY
+            region.finished = time.monotonic()
+            log.info("node %s: %s ready, %.1f MB in %.2f s", self.cfg.node, region.spec.key,
+                     region.size / 1e6, region.finished - region.started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure marks the region failed
+            region.state, region.error = RegionState.FAILED, str(e)
+            region.finished = time.monotonic()
+            log.error("node %s: fetch of %s failed: %s", self.cfg.node, region.spec.key, e)
+        finally:
+            region.done.set()
+
+    async def _fetch_span(self, region: Region, span: tuple[int, int], i: int, got: list[int],
+                          advance) -> None:
+        start, end = span
+        failures = 0
+        buf = region.shm.buf
+        while got[i] < end - start:
+            pos = start + got[i]
+            try:
+                async with self.session.get(self._url(region.spec),
+                                            headers={"Range": f"bytes={pos}-{end - 1}"}) as resp:
+                    if resp.status != 206:
+                        raise FetchError(resp.status, f"remote store answered {resp.status}")
+                    async for data in resp.content.iter_chunked(256 * 1024):
+                        n = min(len(data), end - pos)
+                        await self.nic.acquire(n)
+                        buf[COUNTER + pos:COUNTER + pos + n] = data[:n]
+                        pos += n
+                        got[i] += n
+                        advance()
+                if got[i] < end - start:
+                    raise ConnectionError("the stream ended early")
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+                failures += 1
+                if failures > self.cfg.retries:
+                    raise
+                log.warning("node %s: connection for %s cut at byte %d (%s); resuming",
+                            self.cfg.node, region.spec.key, pos, e)
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** failures))
+
+
+def _bad(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def make_app(cfg: AgentConfig) -> web.Application:
+    agent = Agent(cfg)
+    app = web.Application()
+    app["agent"] = agent
+
+    async def on_startup(_: web.Application) -> None:
+        await agent.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await agent.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+
+    async def spec_of(request: web.Request) -> ImageSpec:
+        try:
+            return ImageSpec.from_dict(await request.json())
+        except (ValueError, TypeError, AttributeError) as e:
+            raise web.HTTPBadRequest(text=json.dumps({"error": f"bad image spec: {e}"}),
+                                     content_type="application/json")
+
+    async def ordered(request: web.Request, attach: bool) -> web.Response:
+        spec = await spec_of(request)
+        try:
+            region = await agent.prefetch(spec)
+        except FetchError as e:
+            return _bad(e.status, e.args[0])
+        except aiohttp.ClientError as e:
+            return _bad(502, f"remote store unreachable: {e}")
+        if attach:
+            agent.attach(region)
+        return web.json_response(region.describe())
+
+    async def prefetch(request: web.Request) -> web.Response:
+        return await ordered(request, attach=False)
+
+    async def attach(request: web.Request) -> web.Response:
+        return await ordered(request, attach=True)
+
+    def region_of(request: web.Request, rid: str | None) -> Region:
+        region = agent.regions.get(str(rid))
+        if region is None:
+            raise web.HTTPNotFound(text=json.dumps({"error": f"no region {rid!r}"}),
+                                   content_type="application/json")
+        return region
+
+    async def release(request: web.Request) -> web.Response:
+        try:
+            rid = (await request.json())["id"]
+        except (ValueError, KeyError, TypeError):
+            return _bad(400, 'body must be {"id": REGION}')
+        region = region_of(request, rid)
+        agent.release(region)
+        return web.json_response(region.describe())
+
+    async def regions(_: web.Request) -> web.Response:
+        return web.json_response({"regions": [r.describe() for r in agent.regions.values()]})
+
+    async def region(request: web.Request) -> web.Response:
+        r = region_of(request, request.match_info["id"])
+        if request.query.get("wait") == "1":
+            await r.done.wait()
+        return web.json_response(r.describe())
+
+    async def delete(request: web.Request) -> web.Response:
+        r = region_of(request, request.match_info["id"])
+        if r.readers:
+            return _bad(409, f"region {r.id} has {r.readers} reader(s)")
+        agent._free(r)
+        return web.json_response({"deleted": r.id})
+
+    async def cache(_: web.Request) -> web.Response:
+        held = [r for r in agent.regions.values() if r.cached and r.state is RegionState.READY]
+        return web.json_response({"node": cfg.node, "models": sorted(r.spec.model for r in held),
+                                  "bytes": sum(r.size for r in held),
+                                  "budget_bytes": int(cfg.cache_gb * 1e9)})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "node": cfg.node, "nic_gbps": agent.nic.gbps,
+                                  "regions": len(agent.regions)})
+
+    app.router.add_get("/health", health)
+    app.router.add_post("/prefetch", prefetch)
+    app.router.add_post("/attach", attach)
+    app.router.add_post("/release", release)
+    app.router.add_get("/regions", regions)
+    app.router.add_get("/regions/{id}", region)
+    app.router.add_delete("/regions/{id}", delete)
+    app.router.add_get("/cache", cache)
+    return app

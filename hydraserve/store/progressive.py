@@ -1,0 +1,106 @@
+"""The reader's side of a progressive region: attach to an agent's shared memory and wait for
+bytes. Standard library only, so a worker can attach and start loading before it imports
+anything heavy."""
+from __future__ import annotations
+
+import http.client
+import json
+import struct
+import time
+from multiprocessing import resource_tracker, shared_memory
+from urllib.parse import urlsplit
+
+from hydraserve.store.image import ImageSpec
+
+COUNTER = 8
+
+
+class RegionError(RuntimeError):
+    """The agent could not provide the region, or its fetch failed or stalled."""
+
+
+def agent_call(agent_url: str, method: str, path: str, body: dict | None = None,
+               timeout: float = 30.0) -> dict:
+    """One JSON request to a storage agent (http.client: no aiohttp import on the worker path)."""
+    u = urlsplit(agent_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        payload = resp.read()
+    except OSError as e:
+        raise RegionError(f"storage agent at {agent_url} unreachable: {e}") from None
+    finally:
+        conn.close()
+    try:
+        out = json.loads(payload or b"{}")
+    except ValueError:
+        out = {"error": payload[:200].decode(errors="replace")}
+    if resp.status >= 400:
+        raise RegionError(f"agent {method} {path}: {resp.status} {out.get('error', out)}")
+    return out
+
+
+class ProgressiveRegion:
+    """A shared-memory region ``[u64 received][image]`` being filled by a storage agent."""
+
+    def __init__(self, shm_name: str, offset: int, length: int, region_id: str | None = None,
+                 agent_url: str | None = None):
+        self.shm = shared_memory.SharedMemory(name=shm_name)
+        # Python < 3.13 registers attached segments with this process's resource tracker, which
+        # would unlink the agent's segment when we exit; the agent owns it.
+        try:
+            resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - tracker absent or already unregistered
+            pass
+        self.offset, self.length = offset, length
+        self.region_id, self.agent_url = region_id, agent_url
+        self.data = self.shm.buf[offset + COUNTER:offset + COUNTER + length]
+
+    @classmethod
+    def attach(cls, agent_url: str, spec: ImageSpec) -> "ProgressiveRegion":
+        """Order (or join) the fetch of ``spec`` on the agent and attach as a reader."""
+        d = agent_call(agent_url, "POST", "/attach", spec.to_dict())
+        return cls(d["shm"], d["offset"], d["length"], d["id"], agent_url)
+
+    def received(self) -> int:
+        return struct.unpack_from("<Q", self.shm.buf, self.offset)[0]
+
+    def wait_for(self, n: int, timeout: float = 120.0) -> None:
+        """Block until the first ``n`` image bytes are in; raise if the fetch fails or stalls."""
+        if self.received() >= n:
+            return
+        deadline = last_check = time.monotonic()
+        deadline += timeout
+        last = self.received()
+        delay = 0.0002
+        while True:
+            got = self.received()
+            if got >= n:
+                return
+            now = time.monotonic()
+            if got != last:
+                last, deadline = got, now + timeout
+            elif now > deadline:
+                raise RegionError(f"no progress for {timeout:.0f} s at byte {got} of {self.length}")
+            if self.agent_url and self.region_id and now - last_check > 1.0:
+                last_check = now
+                state = agent_call(self.agent_url, "GET", f"/regions/{self.region_id}")
+                if state["state"] == "failed":
+                    raise RegionError(f"fetch failed: {state['error']}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
+
+    def close(self, release: bool = True) -> None:
+        """Drop our views; tell the agent we are done (it frees the region if nobody else reads)."""
+        try:
+            self.data.release()
+            self.shm.close()
+        except BufferError:
+            pass  # a tensor view is still alive; the mapping goes with the process
+        if release and self.agent_url and self.region_id:
+            try:
+                agent_call(self.agent_url, "POST", "/release", {"id": self.region_id})
+            except RegionError:
+                pass  # the agent is gone; its exit freed the segment

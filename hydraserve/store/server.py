@@ -1,0 +1,25 @@
+"""Running an aiohttp app as a long-lived server: bind, announce the URL, stop cleanly on
+SIGINT / SIGTERM (running the app's cleanup hooks, which free shared memory)."""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from aiohttp import web
+
+
+async def serve(app: web.Application, host: str, port: int, what: str) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # the real port when port == 0
+    print(f"{what} listening on http://{host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,273 @@
+"""The fetch path with real processes: remote store -> storage agent -> shared memory -> loader."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file
+
+from hydraserve.engine.engine import LLMEngine
+from hydraserve.engine.sequence import SamplingParams
+from hydraserve.engine.stream_load import iter_region
+from hydraserve.make_model import ModelSpec, make_model
+from hydraserve.store.checkpoint import scan_checkpoint
+from hydraserve.store.image import ImageKind, ImageSpec, StageImage
+from hydraserve.store.layout import StageLayout
+from hydraserve.store.progressive import ProgressiveRegion, RegionError, agent_call
+from hydraserve.store.remote import parse_range
+
+from servers import CuttingProxy, Server, shm_exists
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+@pytest.fixture(scope="module")
+def big_dir(tmp_path_factory) -> str:
+    """~16 MB of weights: big enough for bandwidth measurements at a few hundred Mbps."""
+    return str(make_model(tmp_path_factory.mktemp("big") / "m",
+                          ModelSpec(arch="llama", hidden=256, layers=4, vocab=2048, seed=7)))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, model_dirs, big_dir):
+    r = tmp_path_factory.mktemp("store")
+    os.symlink(model_dirs["llama"], r / "tiny")
+    os.symlink(model_dirs["qwen2"], r / "qwen")
+    for name in ("big-a", "big-b", "big-c", "big-d"):
+        os.symlink(big_dir, r / name)
+    return r
+
+
+@pytest.fixture(scope="module")
+def store(root, tmp_path_factory):
+    s = Server(["store", "serve", "--root", str(root)], tmp_path_factory.mktemp("log") / "store.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def agent_factory(store, tmp_path):
+    started = []
+
+    def start(*extra: str, remote: str | None = None) -> Server:
+        a = Server(["store", "agent", "--node", f"n{len(started)}", "--remote", remote or store.url,
+                    *extra], tmp_path / f"agent{len(started)}.log")
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.stop()
+
+
+def _read_all(agent_url: str, spec: ImageSpec) -> tuple[dict[str, torch.Tensor], bytes]:
+    region = ProgressiveRegion.attach(agent_url, spec)
+    try:
+        tensors = {n: t.clone() for n, t in iter_region(region, timeout=30)}
+        raw = bytes(region.data)
+    finally:
+        region.close()
+    return tensors, raw
+
+
+@pytest.mark.parametrize("model", ["tiny", "qwen"])
+def test_images_are_byte_identical_to_the_checkpoint(root, agent_factory, model):
+    agent = agent_factory()
+    direct = load_file(str(root / model / "model.safetensors"))
+    layout = StageLayout(scan_checkpoint(root / model))
+    full, raw = _read_all(agent.url, ImageSpec(model, ImageKind.FULL))
+    assert set(full) == set(direct)
+    assert raw == b"".join(StageImage.build(root / model, ImageSpec(model, ImageKind.FULL)).read())
+    for p in (1, 2, 3, 4):
+        for rank in range(p):
+            stage, raw = _read_all(agent.url, ImageSpec(model, ImageKind.STAGE, p, rank))
+            rest, _ = _read_all(agent.url, ImageSpec(model, ImageKind.REST, p, rank))
+            assert list(stage) == layout.tensor_names(layout.stage(rank, p))
+            assert set(stage) | set(rest) == set(direct) and not set(stage) & set(rest)
+            # the region is a valid safetensors file on its own, equal to the checkpoint's tensors
+            independent = st_load(raw)
+            for name, t in {**stage, **rest}.items():
+                assert t.dtype == direct[name].dtype and torch.equal(t, direct[name]), name
+            for name, t in independent.items():
+                assert torch.equal(t, direct[name])
+
+
+def test_streamed_stages_generate_like_a_local_load(root, agent_factory):
+    agent = agent_factory()
+    local = LLMEngine(root / "tiny", pipeline=2)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = local.generate([[5, 6, 7, 8]], params)[0].token_ids
+    regions = []
+
+    def weights(spec):
+        regions.append(ProgressiveRegion.attach(agent.url, ImageSpec("tiny", ImageKind.STAGE, 2,
+                                                                     spec.rank)))
+        return iter_region(regions[-1])
+
+    streamed = LLMEngine(root / "tiny", pipeline=2, weights=weights)
+    for region in regions:
+        region.close()
+    assert len(regions) == 2
+    assert streamed.generate([[5, 6, 7, 8]], params)[0].token_ids == expected
+
+
+def test_loader_yields_tensors_before_the_fetch_ends(root, agent_factory):
+    agent = agent_factory("--nic-gbps", "0.2")  # 25 MB/s: ~0.6 s for the 16 MB image
+    region = ProgressiveRegion.attach(agent.url, ImageSpec("big-a", ImageKind.FULL))
+    try:
+        seen = [region.received() for _ in iter_region(region, timeout=30)]
+    finally:
+        region.close()
+    assert seen[0] < region.length / 2  # the first tensor came while most bytes were missing
+    assert seen[-1] == region.length
+
+
+def test_cut_connections_resume_and_stay_byte_identical(root, store, agent_factory):
+    port = int(store.url.rsplit(":", 1)[1])
+    proxy = CuttingProxy(port, after=3 * 2**20 + 12345, cuts=3)
+    try:
+        agent = agent_factory("--chunk-mb", "8", remote=f"http://127.0.0.1:{proxy.port}")
+        tensors, raw = _read_all(agent.url, ImageSpec("big-a", ImageKind.FULL))
+    finally:
+        proxy.close()
+    assert proxy.cuts_done >= 1
+    direct = load_file(str(root / "big-a" / "model.safetensors"))
+    assert set(tensors) == set(direct)
+    assert all(torch.equal(tensors[n], direct[n]) for n in direct)
+    assert "resuming" in agent.log_path.read_text()
+
+
+def _wait_ready(agent_url: str, rid: str) -> dict:
+    return agent_call(agent_url, "GET", f"/regions/{rid}?wait=1", timeout=120)
+
+
+def test_two_fetches_share_the_nic_fairly(agent_factory):
+    gbps = 0.4
+    agent = agent_factory("--nic-gbps", str(gbps))
+    alone = agent_call(agent.url, "POST", "/prefetch", ImageSpec("big-a", ImageKind.FULL).to_dict())
+    alone = _wait_ready(agent.url, alone["id"])
+    a = agent_call(agent.url, "POST", "/prefetch", ImageSpec("big-b", ImageKind.FULL).to_dict())
+    b = agent_call(agent.url, "POST", "/prefetch", ImageSpec("big-c", ImageKind.FULL).to_dict())
+    a, b = _wait_ready(agent.url, a["id"]), _wait_ready(agent.url, b["id"])
+    assert 0.8 * gbps < alone["gbps"] <= 1.05 * gbps
+    for r in (a, b):
+        assert 0.35 * gbps < r["gbps"] < 0.65 * gbps, r
+    assert abs(a["seconds"] - b["seconds"]) < 0.25 * max(a["seconds"], b["seconds"])
+
+
+def test_cache_is_lru_and_never_evicts_a_region_in_use(root, agent_factory):
+    size = StageImage.build(root / "big-a", ImageSpec("big-a", ImageKind.FULL)).size
+    agent = agent_factory("--cache-gb", str(2.5 * size / 1e9))
+
+    def use(model: str, keep: bool = False) -> dict:
+        r = agent_call(agent.url, "POST", "/attach", ImageSpec(model, ImageKind.FULL).to_dict())
+        _wait_ready(agent.url, r["id"])
+        if not keep:
+            agent_call(agent.url, "POST", "/release", {"id": r["id"]})
+        return r
+
+    def cached() -> list[str]:
+        return agent_call(agent.url, "GET", "/cache")["models"]
+
+    use("big-a")
+    use("big-b")
+    assert cached() == ["big-a", "big-b"]
+    again = use("big-a")  # a cache hit: the same region, now most recently used
+    assert again["state"] == "ready"
+    use("big-c")  # evicts big-b, the least recently used
+    assert cached() == ["big-a", "big-c"]
+    held = use("big-a", keep=True)  # in use from now on
+    use("big-c")
+    use("big-d")  # big-a is LRU but in use: big-c goes
+    assert cached() == ["big-a", "big-d"]
+    assert shm_exists(held["shm"])
+    # a stage image is not cached: freed (and its segment unlinked) with its last reader
+    r = agent_call(agent.url, "POST", "/attach", ImageSpec("tiny", ImageKind.STAGE, 2, 1).to_dict())
+    _wait_ready(agent.url, r["id"])
+    assert shm_exists(r["shm"])
+    agent_call(agent.url, "POST", "/release", {"id": r["id"]})
+    assert not shm_exists(r["shm"])
+    with pytest.raises(RegionError, match="404"):
+        agent_call(agent.url, "GET", f"/regions/{r['id']}")
+
+
+def test_prefetch_is_idempotent(agent_factory):
+    agent = agent_factory()
+    spec = ImageSpec("tiny", ImageKind.STAGE, 3, 1).to_dict()
+    a = agent_call(agent.url, "POST", "/prefetch", spec)
+    b = agent_call(agent.url, "POST", "/prefetch", spec)
+    assert a["id"] == b["id"] and a["shm"] == b["shm"]
+    assert len(agent_call(agent.url, "GET", "/regions")["regions"]) == 1
+
+
+def test_bad_requests_get_4xx_and_servers_stay_up(store, agent_factory):
+    base = store.url
+    assert _get(f"{base}/models/nope/image")[0] == 404
+    assert _get(f"{base}/models/tiny/image?p=0")[0] == 400
+    assert _get(f"{base}/models/tiny/image?p=99")[0] == 400
+    assert _get(f"{base}/models/tiny/image?p=2&rank=2")[0] == 400
+    assert _get(f"{base}/models/tiny/image?kind=bogus")[0] == 400
+    assert _get(f"{base}/models/tiny/image?p=two")[0] == 400
+    assert _get(f"{base}/models/..%2F..%2Fetc%2Fpasswd/image")[0] == 404
+    assert _get(f"{base}/models/../../etc/passwd")[0] == 404
+    assert _get(f"{base}/models/tiny/image", {"Range": "bytes=999999999-"})[0] == 416
+    assert _get(f"{base}/models/tiny/layout?p=9")[0] == 400
+    status, body, headers = _get(f"{base}/models/tiny/image?kind=full", {"Range": "bytes=0-7"})
+    assert status == 206 and len(body) == 8 and headers["Content-Range"].startswith("bytes 0-7/")
+    listing = json.loads(_get(f"{base}/models")[1])["models"]
+    assert {m["name"] for m in listing} >= {"tiny", "qwen", "big-a"}
+    layout = json.loads(_get(f"{base}/models/tiny/layout?p=2")[1])
+    assert [s["layers"] for s in layout["stages"]] == [[0, 2], [2, 4]]
+
+    agent = agent_factory()
+    for body, code in [({"model": "nope", "kind": "full"}, "404"),
+                       ({"model": "tiny", "kind": "stage", "p": 2, "rank": 5}, "400"),
+                       ({"model": "tiny", "kind": "weird"}, "400"),
+                       ({"kind": "full"}, "400"),
+                       ({"model": "../../etc/passwd", "kind": "full"}, "404")]:
+        with pytest.raises(RegionError, match=code):
+            agent_call(agent.url, "POST", "/prefetch", body)
+    with pytest.raises(RegionError, match="400"):
+        agent_call(agent.url, "POST", "/release", {"nope": 1})
+    assert _get(f"{base}/health")[0] == 200
+    assert agent_call(agent.url, "GET", "/health")["ok"]
+
+
+def test_sigterm_removes_every_segment(agent_factory):
+    agent = agent_factory()
+    names = []
+    for rank in range(3):
+        r = agent_call(agent.url, "POST", "/prefetch",
+                       ImageSpec("tiny", ImageKind.STAGE, 3, rank).to_dict())
+        names.append(r["shm"])
+    agent_call(agent.url, "POST", "/attach", ImageSpec("big-a", ImageKind.FULL).to_dict())
+    assert all(shm_exists(n) for n in names)
+    assert agent.stop() == 0
+    time.sleep(0.2)
+    assert not any(shm_exists(n) for n in names)
+
+
+def test_parse_range():
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-9", 100) == (0, 10)
+    assert parse_range("bytes=90-", 100) == (90, 100)
+    assert parse_range("bytes=-10", 100) == (90, 100)
+    assert parse_range("bytes=95-200", 100) == (95, 100)
+    for bad in ("bytes=100-", "bytes=5-2", "items=0-1", "bytes=-"):
+        with pytest.raises(ValueError):
+            parse_range(bad, 100)
