@@ -1,49 +1,11 @@
-"""Start hydraserve servers as real subprocesses for tests, and always stop them."""
+"""Test helpers around real server processes: shared-memory checks and a connection-cutting proxy."""
 from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
-
-class Server:
-    """``hydraserve ARGS`` in a subprocess; ``url`` once it printed 'listening on URL'."""
-
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 60.0):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", *args],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        deadline = time.monotonic() + timeout
-        self.url = None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                break
-        if self.url is None:
-            self.stop()
-            raise RuntimeError(f"server {args} did not start:\n{log_path.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+from hydraserve.store.launch import ServerProcess as Server  # noqa: F401 - re-exported
 
 
 def shm_exists(name: str) -> bool:

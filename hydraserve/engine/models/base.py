@@ -110,6 +110,8 @@ class StageModel(nn.Module):
         Tensors this stage does not hold are skipped (not returned). Raises if a tensor's shape
         does not fit its parameter."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        shared = self._shared_param_ids()
+        shards_done: dict[str, set[int]] = {}
         loaded: set[str] = set()
         for name, tensor in weights:
             if name not in params and not name.startswith(self.optional_prefix) and \
@@ -126,14 +128,25 @@ class StageModel(nn.Module):
                     raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, "
                                          f"parameter {pname} expects {tuple(dst.shape)}")
                 dst.copy_(tensor)
+                mod = self.get_submodule(pname.rsplit(".", 1)[0])
+                if isinstance(mod, Linear) and pname.endswith(".weight"):
+                    # pack as soon as the whole weight is in, while later tensors still arrive
+                    done = shards_done.setdefault(pname, set())
+                    done.add(shard or 0)
+                    if len(done) == len(mod.shards):
+                        mod.pack(keep_dense=id(mod.weight) in shared)
             if targets:
                 loaded.add(name)
         return loaded
 
+    def _shared_param_ids(self) -> set[int]:
+        """Parameters a non-Linear module also uses (a tied embedding): keep them dense."""
+        return {id(p) for n, p in self.named_parameters(remove_duplicate=False)
+                if not isinstance(self.get_submodule(n.rsplit(".", 1)[0]), Linear)}
+
     def pack_weights(self) -> None:
         """Called once all tensors are loaded: lay weights out for fast inference."""
-        shared = {id(p) for n, p in self.named_parameters(remove_duplicate=False)
-                  if not isinstance(self.get_submodule(n.rsplit(".", 1)[0]), Linear)}
+        shared = self._shared_param_ids()
         for mod in self.modules():
             if isinstance(mod, Linear):
                 mod.pack(keep_dense=id(mod.weight) in shared)

@@ -1,0 +1,56 @@
+"""Start ``hydraserve`` servers (store, agents) as child processes and stop them cleanly.
+
+Used by the local cluster, the benchmarks and the tests: a server binds port 0 and prints
+'... listening on URL'; we read that line, so any number run side by side.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    """``hydraserve ARGS`` in a child process; ``url`` once it announced itself."""
+
+    def __init__(self, args: list[str], log_path: str | Path, timeout: float = 60.0):
+        self.args = args
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", *args],
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.url: str | None = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+                break
+        if self.url is None:
+            self.stop()
+            raise RuntimeError(f"hydraserve {' '.join(args)} did not start:\n"
+                               f"{self.log_path.read_text()[-3000:]}")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process and wait; kill it if it does not exit. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._log.close()
+        return self.proc.returncode
