@@ -80,9 +80,9 @@ def attention_metadata(batch: StepBatch, block_size: int, window: int | None,
     if decode_idx:
         idx = torch.tensor(decode_idx)
         ctx = torch.tensor(batch.ctx_lens)[idx]
-        lmax = int(ctx.max())
-        d_slots = all_slots[idx, :lmax]
-        k_pos = torch.arange(lmax)
+        nblk = -(-int(ctx.max()) // block_size)
+        d_slots = tables[idx, :nblk]  # whole blocks: gathered block by block
+        k_pos = torch.arange(nblk * block_size)
         mask = k_pos[None, :] < ctx[:, None]
         if window is not None:
             mask &= k_pos[None, :] > (ctx[:, None] - 1 - window)
@@ -103,6 +103,7 @@ def attention_metadata(batch: StepBatch, block_size: int, window: int | None,
         slices.append(PrefillSlice(r0, r1, fresh, ctx_slots, mask))
     to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return AttentionMetadata(positions=to(pos), slot_mapping=to(slot_mapping),
-                             decode_rows=to(d_rows), decode_slots=to(d_slots),
+                             decode_rows=to(d_rows), decode_blocks=to(d_slots),
                              decode_mask=to(d_mask), prefills=slices,
-                             last_rows=to(torch.tensor(last_rows)), window=window)
+                             last_rows=to(torch.tensor(last_rows)), block_size=block_size,
+                             window=window)

@@ -109,11 +109,16 @@ class Rotary(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        """x: [T, heads, head_dim]. Every layer of a step passes the same ``positions`` tensor,
+        so its cos/sin rows are gathered once per step."""
+        if positions is not self._positions:
+            self._positions = positions
+            self._cos_sin = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        cos, sin = self._cos_sin
         xf = x.float()
         half = xf.shape[-1] // 2
         rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
@@ -139,10 +144,11 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each new token's k/v is written
     decode_rows: torch.Tensor | None  # [Bd] rows of single-token sequences
-    decode_slots: torch.Tensor | None  # [Bd, Lmax] cache slots of their contexts (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax]
+    decode_blocks: torch.Tensor | None  # [Bd, nblk] KV blocks of their contexts (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nblk * block_size]
     prefills: list[PrefillSlice]
     last_rows: torch.Tensor  # [B] row of each sequence's last token
+    block_size: int = 16
     window: int | None = None
 
 
@@ -156,12 +162,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
+    decode_only = not meta.prefills
+    out = None if decode_only else torch.empty_like(q)
     if meta.decode_rows is not None:
-        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KV, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        qd = (q if decode_only else q[meta.decode_rows]).unsqueeze(2)  # [B, H, 1, D]
+        paged = (-1, meta.block_size) + k_cache.shape[1:]
+        kd = k_cache.view(paged)[meta.decode_blocks].flatten(1, 2).transpose(1, 2)  # [B, KV, L, D]
+        vd = v_cache.view(paged)[meta.decode_blocks].flatten(1, 2).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa)
+        if decode_only:
+            return o.squeeze(2)
         out[meta.decode_rows] = o.squeeze(2)
     for s in meta.prefills:
         qs = q[s.start:s.end].transpose(0, 1)  # [H, Q, D]

@@ -53,10 +53,28 @@ class StageRunner:
         self.kv = KVCache(model_cfg, num_blocks, cfg.block_size, self.dtype, self.device)
         self.kv.add_layers(spec.layers)
         self.loaded: set[str] = set()  # checkpoint tensors loaded so far
+        # what execute() runs; differs from what the model holds while a consolidating stage
+        # has grown (extend) but still serves its pipeline slice (until activate)
+        self.active = spec
 
     @property
     def spec(self) -> StageSpec:
+        """Everything this runner holds (or is growing to hold)."""
         return self.model.spec
+
+    def extend(self, spec: StageSpec) -> list[int]:
+        """Grow to hold ``spec`` (modules and KV layers); load the new tensors with ``load``.
+        execute() keeps running the active slice until ``activate``."""
+        added = self.model.extend(spec)
+        self.kv.add_layers(spec.layers)
+        return added
+
+    def activate(self, spec: StageSpec) -> None:
+        if not (spec.is_first <= self.spec.is_first and spec.is_last <= self.spec.is_last
+                and spec.layer_start >= self.spec.layer_start
+                and spec.layer_end <= self.spec.layer_end):
+            raise ValueError(f"cannot activate {spec}: this stage holds {self.spec}")
+        self.active = spec
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load tensors and check the stage is complete; returns the tensor names loaded."""
@@ -75,12 +93,14 @@ class StageRunner:
         hidden states out, or on the last stage the logits of each sequence's last token [B, V]."""
         meta = attention_metadata(batch, self.cfg.block_size, self.model_cfg.sliding_window,
                                   self.device)
-        if self.spec.is_first:
+        active = self.active
+        if active.is_first:
             ids = torch.tensor(batch.token_ids, dtype=torch.long).to(self.device)
             hidden = self.model.embed(ids, meta.positions)
         elif hidden is None:
-            raise ValueError(f"stage {self.spec.rank} needs the previous stage's hidden states")
-        hidden = self.model.run_layers(hidden.to(self.device, self.dtype), meta, self.kv.layers)
-        if self.spec.is_last:
+            raise ValueError(f"stage {active.rank} needs the previous stage's hidden states")
+        hidden = self.model.run_layers(hidden.to(self.device, self.dtype), meta, self.kv.layers,
+                                       active.layers)
+        if active.is_last:
             return self.model.logits(hidden[meta.last_rows]).float()
         return hidden

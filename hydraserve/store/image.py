@@ -74,9 +74,9 @@ class Piece:
     length: int
 
 
-def encode_header(tensors: list[TensorInfo]) -> bytes:
+def encode_header(tensors: list[TensorInfo], metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length + JSON header of a safetensors file holding ``tensors`` in order."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     off = 0
     for t in tensors:
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
@@ -86,10 +86,14 @@ def encode_header(tensors: list[TensorInfo]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+# model files carried in every image's safetensors metadata, so a worker needs nothing else
+CARRIED_FILES = ("config.json", "generation_config.json")
+
+
 class StageImage:
-    def __init__(self, tensors: list[TensorInfo]):
+    def __init__(self, tensors: list[TensorInfo], metadata: dict[str, str] | None = None):
         self.tensors = tensors
-        self.prefix = encode_header(tensors)
+        self.prefix = encode_header(tensors, metadata)
         pieces: list[Piece] = []
         off = len(self.prefix)
         for t in tensors:
@@ -113,7 +117,9 @@ class StageImage:
             names = layout.tensor_names(stage) if spec.kind is ImageKind.STAGE \
                 else layout.rest_names(stage)
         order = {n: i for i, n in enumerate(layout.tensors)}
-        return cls([layout.tensors[n] for n in sorted(names, key=order.__getitem__)])
+        carried = {f: (Path(model_dir) / f).read_text() for f in CARRIED_FILES
+                   if (Path(model_dir) / f).exists()}
+        return cls([layout.tensors[n] for n in sorted(names, key=order.__getitem__)], carried)
 
     def read(self, start: int = 0, end: int | None = None,
              chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -147,16 +153,16 @@ class StageImage:
                 os.close(fd)
 
 
-def parse_header(buf: bytes | memoryview) -> tuple[int, dict] | None:
-    """(data start, tensor table) once ``buf`` holds the whole header, else None."""
+def parse_header(buf: bytes | memoryview) -> tuple[int, dict, dict[str, str]] | None:
+    """(data start, tensor table, metadata) once ``buf`` holds the whole header, else None."""
     if len(buf) < 8:
         return None
     (n,) = struct.unpack_from("<Q", buf, 0)
     if len(buf) < 8 + n:
         return None
     header = json.loads(bytes(buf[8:8 + n]))
-    header.pop("__metadata__", None)
-    return 8 + n, header
+    metadata = header.pop("__metadata__", None) or {}
+    return 8 + n, header, metadata
 
 
 def header_length(buf: bytes | memoryview) -> int | None:

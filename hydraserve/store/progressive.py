@@ -3,13 +3,11 @@ bytes. Standard library only, so a worker can attach and start loading before it
 anything heavy."""
 from __future__ import annotations
 
-import http.client
-import json
 import struct
 import time
 from multiprocessing import resource_tracker, shared_memory
-from urllib.parse import urlsplit
 
+from hydraserve.httpjson import CallError, call
 from hydraserve.store.image import ImageSpec
 
 COUNTER = 8
@@ -21,25 +19,11 @@ class RegionError(RuntimeError):
 
 def agent_call(agent_url: str, method: str, path: str, body: dict | None = None,
                timeout: float = 30.0) -> dict:
-    """One JSON request to a storage agent (http.client: no aiohttp import on the worker path)."""
-    u = urlsplit(agent_url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    """One JSON request to a storage agent; errors become :class:`RegionError`."""
     try:
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        payload = resp.read()
-    except OSError as e:
-        raise RegionError(f"storage agent at {agent_url} unreachable: {e}") from None
-    finally:
-        conn.close()
-    try:
-        out = json.loads(payload or b"{}")
-    except ValueError:
-        out = {"error": payload[:200].decode(errors="replace")}
-    if resp.status >= 400:
-        raise RegionError(f"agent {method} {path}: {resp.status} {out.get('error', out)}")
-    return out
+        return call(agent_url, method, path, body, timeout)
+    except CallError as e:
+        raise RegionError(f"agent {e}") from None
 
 
 class ProgressiveRegion:

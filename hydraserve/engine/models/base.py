@@ -81,7 +81,8 @@ class StageModel(nn.Module):
         raise NotImplementedError
 
     def run_layers(self, h: torch.Tensor, meta: AttentionMetadata,
-                   kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                   kv: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: range) -> torch.Tensor:
+        """Run decoder ``layers`` (a sub-range of what this stage holds)."""
         raise NotImplementedError
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -140,9 +141,13 @@ class StageModel(nn.Module):
         return loaded
 
     def _shared_param_ids(self) -> set[int]:
-        """Parameters a non-Linear module also uses (a tied embedding): keep them dense."""
-        return {id(p) for n, p in self.named_parameters(remove_duplicate=False)
+        """Weights that must stay dense: those a non-Linear module uses too, and with tied
+        embeddings the head's (it becomes the embedding if this stage grows to the first one)."""
+        keep = {id(p) for n, p in self.named_parameters(remove_duplicate=False)
                 if not isinstance(self.get_submodule(n.rsplit(".", 1)[0]), Linear)}
+        if self.cfg.tie_word_embeddings and self.has_head:
+            keep.add(id(self.lm_head.weight))
+        return keep
 
     def pack_weights(self) -> None:
         """Called once all tensors are loaded: lay weights out for fast inference."""

@@ -64,8 +64,8 @@ class LlamaStage(StageModel):
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids)
 
-    def run_layers(self, h, meta, kv):
-        for i in self.spec.layers:
+    def run_layers(self, h, meta, kv, layers):
+        for i in layers:
             h = self.model.layers[str(i)](h, meta, self.rotary, kv[i])
         return h
 

@@ -79,8 +79,8 @@ class OPTStage(StageModel):
             x = d.project_in(x)
         return x + d.embed_positions(positions + POSITION_OFFSET)
 
-    def run_layers(self, h, meta, kv):
-        for i in self.spec.layers:
+    def run_layers(self, h, meta, kv, layers):
+        for i in layers:
             h = self.model.decoder.layers[str(i)](h, meta, kv[i])
         return h
 

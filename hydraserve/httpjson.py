@@ -1,0 +1,68 @@
+"""Small blocking JSON-over-HTTP calls with the standard library (no aiohttp import), for
+processes that must talk to a server before, or without, loading the async stack."""
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Iterator
+from urllib.parse import urlsplit
+
+
+class CallError(RuntimeError):
+    """The server was unreachable or answered with an error status."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
+    u = urlsplit(url)
+    return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+
+
+def call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+    """One JSON request; returns the decoded answer or raises :class:`CallError`."""
+    conn = _connect(url, timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        payload = resp.read()
+    except OSError as e:
+        raise CallError(f"{url} unreachable: {e}") from None
+    finally:
+        conn.close()
+    try:
+        out = json.loads(payload or b"{}")
+    except ValueError:
+        out = {"error": payload[:200].decode(errors="replace")}
+    if resp.status >= 400:
+        raise CallError(f"{method} {path}: {resp.status} {out.get('error', out)}", resp.status)
+    return out
+
+
+def stream(url: str, path: str, body: dict, timeout: float = 300.0) -> Iterator[dict]:
+    """POST ``body`` and yield each JSON line of a newline-delimited streaming answer."""
+    conn = _connect(url, timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status >= 400:
+            payload = resp.read()
+            try:
+                msg = json.loads(payload).get("error", payload)
+            except ValueError:
+                msg = payload[:200]
+            raise CallError(f"POST {path}: {resp.status} {msg}", resp.status)
+        while True:
+            line = resp.readline()
+            if not line:
+                return
+            if line.strip():
+                yield json.loads(line)
+    except OSError as e:
+        raise CallError(f"{url} unreachable or stream broken: {e}") from None
+    finally:
+        conn.close()

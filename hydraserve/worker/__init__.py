@@ -1,0 +1,1 @@
+"""The worker process: fast start, control API, stage transport, consolidation, migration."""

@@ -1,0 +1,471 @@
+"""The worker's engine side: one pipeline stage (or a whole model), its threads and its ring.
+
+Stages form a ring over TCP: rank r sends to rank (r + 1) % p. The head (rank 0) owns the
+scheduler and its engine thread is the only writer of scheduling state; it runs stage 0, sends
+the hidden states on with the :class:`StepBatch`, and keeps up to p batches in flight. Every
+other stage runs a loop: receive, execute its layers, send on; the last one samples and sends the
+tokens back to the head. A broken connection fails the stage, which closes both of its sockets,
+so the failure travels round the ring and the head errors every open request within moments.
+
+Consolidation: an all-card worker fetches the ``rest`` image, grows its model and KV cache while
+still serving its slice, and reports. The head then stops launching pipeline batches, lets the
+in-flight ones drain, pulls the KV blocks of its running requests for the layers it lacked (a
+``kv_pull`` message goes round the ring, each stage adding its layers), switches to the whole
+model and sends ``release``: part-card workers exit, other all-card workers become standalone.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hydraserve.engine.batch import StepBatch
+from hydraserve.engine.config import EngineConfig
+from hydraserve.engine.runner import StageRunner
+from hydraserve.engine.sampler import sample
+from hydraserve.engine.scheduler import Scheduler
+from hydraserve.engine.sequence import SamplingParams
+from hydraserve.engine.stream_load import iter_region, region_model_config
+from hydraserve.store.image import ImageKind, ImageSpec
+from hydraserve.store.layout import StageSpec
+from hydraserve.store.progressive import ProgressiveRegion
+from hydraserve.worker.timeline import Timeline
+from hydraserve.worker.transport import ConnectionClosed, recv_msg, send_msg
+
+log = logging.getLogger("hydraserve.worker")
+
+Sink = Callable[[dict], None]  # receives {"token_id", "finish_reason"} or {"error"}
+
+
+class WorkerState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    model: str
+    rank: int
+    p: int
+    layers: tuple[int, int]
+    all_card: bool
+    agent: str
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    stage_port: int = 0
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, region: ProgressiveRegion, timeline: Timeline):
+        if cfg.engine.num_kv_blocks is None:
+            raise ValueError("a worker needs num_kv_blocks: every stage must have the same count")
+        self.cfg, self.region, self.timeline = cfg, region, timeline
+        self.spec = StageSpec(cfg.rank, cfg.p, *cfg.layers)
+        self.state = WorkerState.LOADING
+        self.error: str | None = None
+        self.runner: StageRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.standalone = cfg.p == 1  # runs the whole model by itself
+        self.weights_ready = threading.Event()
+        self.stopping = threading.Event()
+        self.exit_requested = threading.Event()  # the API server watches this
+        self.events: queue.Queue = queue.Queue()
+        self.listener = socket.create_server((cfg.host, cfg.stage_port))
+        self.stage_port = self.listener.getsockname()[1]
+        self.next_sock: socket.socket | None = None
+        self.prev_sock: socket.socket | None = None
+        self.connected = False
+        # head / standalone engine state, owned by the engine thread
+        self.in_flight: dict[int, StepBatch] = {}
+        self.sinks: dict[int, Sink] = {}
+        self.seq_of_key: dict[str, int] = {}
+        self.switching = False
+        self.kv_pending = False
+        # consolidation
+        self.rest_loaded = threading.Event()
+        self.released = threading.Event()
+        self.engine_thread: threading.Thread | None = None
+
+    @property
+    def is_head(self) -> bool:
+        return self.cfg.rank == 0
+
+    # -- loading ------------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            model_cfg = region_model_config(self.region)
+            max_len = min(self.cfg.engine.max_model_len, model_cfg.max_position)
+            blocks = self.cfg.engine.num_kv_blocks
+            runner = StageRunner(model_cfg, self.spec, self.cfg.engine, blocks, max_len)
+            runner.load(iter_region(self.region))
+            self.timeline.mark("weights_ready")
+            self.region.close()  # the weights are copied: the agent may free the region
+            self.region = None
+            if self.is_head or self.standalone:
+                self.scheduler = Scheduler(self.cfg.engine, blocks, max_len, model_cfg.eos_token_ids)
+            self.runner = runner
+            self.state = WorkerState.READY
+            self.timeline.mark("engine_ready")
+        except Exception as e:  # noqa: BLE001 - reported through /health and to callers
+            log.exception("worker %s: loading failed", self.cfg.worker_id)
+            self._fail(f"loading failed: {e}")
+        finally:
+            self.weights_ready.set()
+
+    # -- ring -------------------------------------------------------------------------------
+    def connect(self, peers: list[dict], timeout: float = 30.0) -> None:
+        """Join the ring described by ``peers`` ([{"rank", "host", "stage_port"}]); returns
+        once both neighbours are connected. Then starts this worker's threads."""
+        if self.connected:
+            return
+        if self.cfg.p > 1:
+            by_rank = {int(p["rank"]): p for p in peers}
+            nxt = by_rank[(self.cfg.rank + 1) % self.cfg.p]
+            accepted: list[socket.socket] = []
+            self.listener.settimeout(timeout)
+            acceptor = threading.Thread(target=lambda: accepted.append(self.listener.accept()[0]))
+            acceptor.start()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self.next_sock = socket.create_connection((nxt["host"], int(nxt["stage_port"])), 5)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise ConnectionError(f"cannot reach stage {nxt['rank']}") from None
+                    time.sleep(0.05)
+            acceptor.join(timeout)
+            if not accepted:
+                raise ConnectionError("the previous stage did not connect")
+            self.prev_sock = accepted[0]
+            for s in (self.next_sock, self.prev_sock):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.settimeout(None)
+        self.connected = True
+        self.timeline.mark("connected")
+        if self.is_head or self.standalone:
+            if self.cfg.p > 1:
+                threading.Thread(target=self._receive_loop, name="receiver", daemon=True).start()
+            self._start_engine()
+        else:
+            threading.Thread(target=self._stage_loop, name="stage", daemon=True).start()
+
+    def _start_engine(self) -> None:
+        self.engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+        self.engine_thread.start()
+
+    def _send(self, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        send_msg(self.next_sock, header, tensors)
+
+    # -- requests (called from the API's event loop) -------------------------------------------
+    def can_generate(self) -> str | None:
+        """None if /generate may be called now, else why not."""
+        if self.state is WorkerState.FAILED:
+            return f"worker failed: {self.error}"
+        if self.state is WorkerState.STOPPED or self.stopping.is_set():
+            return "worker is stopping"
+        if not (self.is_head or self.standalone):
+            return f"stage {self.cfg.rank} is not the head of its pipeline"
+        if not self.connected:
+            return "worker is not initialised (POST /init first)"
+        return None
+
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+        self.events.put(("add", key, prompt_ids, params, sink))
+
+    def abort(self, key: str) -> None:
+        self.events.put(("abort", key))
+
+    # -- head / standalone engine thread ---------------------------------------------------------
+    def _engine_loop(self) -> None:
+        self.weights_ready.wait()
+        while not self.stopping.is_set():
+            self._handle_events(block=False)
+            if self.switching and not self.in_flight and not self.kv_pending:
+                self._pull_kv()
+            launched = False
+            depth = 1 if self.standalone else self.cfg.p
+            while (self.state is WorkerState.READY and not self.switching
+                   and len(self.in_flight) < depth):
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    break
+                self._launch(batch)
+                launched = True
+            if not launched:
+                self._handle_events(block=True)
+
+    def _handle_events(self, block: bool) -> None:
+        try:
+            ev = self.events.get(timeout=0.05) if block else self.events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(ev)
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "add":
+            _, key, prompt, params, sink = ev
+            if self.state is not WorkerState.READY:
+                sink({"error": f"worker is {self.state.value}: {self.error}"})
+                return
+            try:
+                seq_id = self.scheduler.add(prompt, params)
+            except ValueError as e:
+                sink({"error": str(e)})
+                return
+            self.sinks[seq_id] = sink
+            self.seq_of_key[key] = seq_id
+        elif kind == "abort":
+            seq_id = self.seq_of_key.pop(ev[1], None)
+            if seq_id is not None:
+                self.sinks.pop(seq_id, None)
+                self.scheduler.abort(seq_id)
+        elif kind == "tokens":
+            batch = self.in_flight.pop(ev[1], None)
+            if batch is not None:
+                self._apply(batch, ev[2])
+        elif kind == "kv":
+            self._install_kv(ev[1], ev[2])
+        elif kind == "rest_loaded":
+            if self.standalone:
+                return
+            self.switching = True
+            log.info("worker %s: whole model loaded; draining %d pipeline batch(es)",
+                     self.cfg.worker_id, len(self.in_flight))
+        elif kind == "failed":
+            self._fail_requests(ev[1])
+
+    def _launch(self, batch: StepBatch) -> None:
+        try:
+            out = self.runner.execute(batch, None)
+            if self.standalone:
+                self._apply(batch, sample(out, batch.samples))
+                return
+            self.in_flight[batch.step_id] = batch
+            self._send({"type": "batch", "batch": batch.to_dict()}, {"hidden": out})
+        except (ConnectionError, OSError) as e:
+            self._fail(f"pipeline connection lost: {e}")
+            self._fail_requests(self.error)
+
+    def _apply(self, batch: StepBatch, tokens: list[int]) -> None:
+        for out in self.scheduler.update(batch, tokens):
+            sink = self.sinks.get(out.seq_id)
+            if sink is None:
+                continue
+            self.timeline.mark("first_token")
+            reason = out.finish_reason.value if out.finish_reason else None
+            sink({"token_id": out.token_id, "finish_reason": reason})
+            if reason is not None:
+                del self.sinks[out.seq_id]
+        if not self.sinks:
+            self.seq_of_key.clear()
+
+    def _fail_requests(self, message: str) -> None:
+        for seq_id, sink in list(self.sinks.items()):
+            sink({"error": message})
+            self.scheduler.abort(seq_id)
+        self.sinks.clear()
+        self.seq_of_key.clear()
+        self.in_flight.clear()
+
+    def _receive_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                header, tensors = recv_msg(self.prev_sock)
+                kind = header["type"]
+                if kind == "tokens":
+                    self.events.put(("tokens", header["step_id"], header["tokens"]))
+                elif kind == "kv":
+                    self.events.put(("kv", header, tensors))
+                elif kind == "release":
+                    return  # it went round the ring: the pipeline is gone
+        except (ConnectionClosed, OSError) as e:
+            if not self.stopping.is_set() and not self.standalone:
+                self._fail(f"pipeline connection lost: {e}")
+                self.events.put(("failed", f"a pipeline stage failed: {e}"))
+
+    # -- the other stages ----------------------------------------------------------------------
+    def _stage_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                header, tensors = recv_msg(self.prev_sock)
+                kind = header["type"]
+                if kind in ("batch", "kv_pull"):
+                    self.weights_ready.wait()
+                    if self.state is not WorkerState.READY:
+                        raise ConnectionError(f"this stage cannot serve: {self.error}")
+                if kind == "batch":
+                    batch = StepBatch.from_dict(header["batch"])
+                    out = self.runner.execute(batch, tensors["hidden"])
+                    if self.runner.active.is_last:
+                        self._send({"type": "tokens", "step_id": batch.step_id,
+                                    "tokens": sample(out, batch.samples)})
+                    else:
+                        self._send(header, {"hidden": out})
+                elif kind == "kv_pull":
+                    kv = self._kv_tensors(header["blocks"], self.runner.active.layers)
+                    last = self.runner.active.is_last
+                    self._send({**header, "type": "kv" if last else "kv_pull"}, {**tensors, **kv})
+                elif kind == "release":
+                    self._send(header)
+                    self._on_release()
+                    return
+        except (ConnectionClosed, OSError) as e:
+            if not self.stopping.is_set():
+                self._fail(f"pipeline connection lost: {e}")
+
+    def _on_release(self) -> None:
+        """The head has the whole model: leave the ring."""
+        self._close_ring()
+        self.released.set()
+        if not self.cfg.all_card:
+            log.info("worker %s: part-card stage released; exiting", self.cfg.worker_id)
+            self.stop()
+        elif self.rest_loaded.is_set():
+            self._become_standalone()
+
+    def _become_standalone(self) -> None:
+        self.runner.activate(self.runner.spec)
+        self.scheduler = Scheduler(self.cfg.engine, self.runner.kv.num_blocks,
+                                   self.runner.model.max_len, self.runner.model_cfg.eos_token_ids)
+        self.standalone = True
+        self.timeline.mark("consolidated")
+        self._start_engine()
+
+    # -- KV migration ---------------------------------------------------------------------------
+    def _kv_tensors(self, blocks: list[int], layers: range) -> dict[str, torch.Tensor]:
+        bs = self.runner.kv.block_size
+        slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
+        slots = slots.to(self.runner.device)
+        out = {}
+        for layer in layers:
+            k, v = self.runner.kv.layers[layer]
+            out[f"k.{layer}"], out[f"v.{layer}"] = k[slots], v[slots]
+        return out
+
+    def _pull_kv(self) -> None:
+        blocks = sorted({b for s in self.scheduler.running for b in s.block_ids})
+        self.kv_pending = True
+        log.info("worker %s: migrating %d KV block(s)", self.cfg.worker_id, len(blocks))
+        try:
+            self._send({"type": "kv_pull", "blocks": blocks})
+        except (ConnectionError, OSError) as e:
+            self._fail(f"pipeline connection lost: {e}")
+            self._fail_requests(self.error)
+
+    def _install_kv(self, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+        bs = self.runner.kv.block_size
+        blocks = header["blocks"]
+        slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
+        slots = slots.to(self.runner.device)
+        own = self.runner.active.layers
+        for name, t in tensors.items():
+            layer = int(name.split(".")[1])
+            if layer not in own:
+                self.runner.kv.layers[layer][0 if name[0] == "k" else 1][slots] = \
+                    t.to(self.runner.device, self.runner.dtype)
+        self.runner.activate(self.runner.spec)
+        self.standalone = True
+        self.switching = self.kv_pending = False
+        try:
+            self._send({"type": "release"})
+        except (ConnectionError, OSError):
+            pass  # the others exit on their own when the ring breaks
+        self.timeline.mark("consolidated")
+        log.info("worker %s: consolidated; serving the whole model alone", self.cfg.worker_id)
+
+    # -- consolidation ----------------------------------------------------------------------------
+    def consolidate(self) -> None:
+        if not self.cfg.all_card or self.cfg.p == 1:
+            raise ValueError("only an all-card stage of a pipeline can consolidate")
+        if self.timeline.has("consolidation_started"):
+            return
+        self.timeline.mark("consolidation_started")
+        threading.Thread(target=self._consolidate, name="consolidate", daemon=True).start()
+
+    def _consolidate(self) -> None:
+        try:
+            rest = ProgressiveRegion.attach(self.cfg.agent, ImageSpec(self.cfg.model, ImageKind.REST,
+                                                                      self.cfg.p, self.cfg.rank))
+            self.weights_ready.wait()
+            whole = StageSpec(0, 1, 0, self.runner.model_cfg.num_layers)
+            self.runner.extend(whole)
+            self.runner.load(iter_region(rest))
+            rest.close()
+            self.timeline.mark("rest_loaded")
+        except Exception as e:  # noqa: BLE001
+            log.exception("worker %s: consolidation failed", self.cfg.worker_id)
+            self.error = f"consolidation failed: {e}"
+            return
+        self.rest_loaded.set()
+        if self.is_head:
+            self.events.put(("rest_loaded",))
+        elif self.released.is_set():
+            self._become_standalone()
+
+    # -- state ------------------------------------------------------------------------------------
+    def _fail(self, message: str) -> None:
+        if self.state is WorkerState.FAILED:
+            return
+        log.error("worker %s: %s", self.cfg.worker_id, message)
+        self.state, self.error = WorkerState.FAILED, message
+        self._close_ring()
+
+    def _close_ring(self) -> None:
+        for s in (self.next_sock, self.prev_sock):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def stop(self) -> None:
+        """Leave everything: sockets closed, regions released; the process then exits."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.state is not WorkerState.FAILED:
+            self.state = WorkerState.STOPPED
+        self._close_ring()
+        self.listener.close()
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+        self.exit_requested.set()
+
+    def describe(self) -> dict:
+        r = self.runner
+        s = self.scheduler
+        return {
+            "worker_id": self.cfg.worker_id, "model": self.cfg.model, "rank": self.cfg.rank,
+            "p": self.cfg.p, "layers": list(self.cfg.layers), "all_card": self.cfg.all_card,
+            "state": self.state.value, "error": self.error, "stage_port": self.stage_port,
+            "connected": self.connected, "standalone": self.standalone,
+            "active_layers": [r.active.layer_start, r.active.layer_end] if r else None,
+            "held_layers": [r.spec.layer_start, r.spec.layer_end] if r else None,
+            "running": len(s.running) if s else 0, "waiting": len(s.waiting) if s else 0,
+            "in_flight_batches": len(self.in_flight),
+            "kv_blocks": self.cfg.engine.num_kv_blocks,
+            "kv_blocks_free": s.allocator.num_free if s else None,
+            "timeline": self.timeline.as_dict(),
+        }
