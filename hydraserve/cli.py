@@ -79,8 +79,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="compute dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget (default: 256)")
+    p.add_argument("--processes", action="store_true",
+                   help="run the P stages as P worker processes, each fed by its own storage "
+                        "agent from a remote store started on this machine (the cold-start path)")
+    p.add_argument("--consolidate-after", type=int, default=None, metavar="K",
+                   help="with --processes: consolidate the pipeline into rank 0 once K tokens "
+                        "were generated")
+    p.add_argument("--nic-gbps", type=float, default=None,
+                   help="with --processes: emulated NIC of each server's agent (default: none)")
     p.add_argument("--json", action="store_true",
-                   help='print one JSON object as the last line: {"token_ids", "text", "pipeline"}')
+                   help='print one JSON object as the last line: {"token_ids", "text", '
+                        '"pipeline", "finish_reason"} (+ "timeline", "consolidated" with '
+                        '--processes)')
     p.set_defaults(func=_cmd_generate)
 
 
@@ -105,20 +115,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     cfg = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb)
-    engine = LLMEngine(args.model, cfg, pipeline=args.pipeline)
-    t_load = time.monotonic()
-    result = engine.generate([prompt], params)[0]
-    t_done = time.monotonic()
-    text = tok.decode(result.token_ids) if tok else ""
-    log.info("loaded %d stage(s) in %.2f s; %d prompt + %d new tokens in %.2f s (%s)",
-             engine.pipeline, t_load - t0, len(prompt), len(result.token_ids), t_done - t_load,
-             result.finish_reason.value)
+    if args.processes:
+        out = _generate_processes(args, prompt, params, cfg)
+    else:
+        if args.consolidate_after is not None or args.nic_gbps is not None:
+            raise ValueError("--consolidate-after and --nic-gbps need --processes")
+        engine = LLMEngine(args.model, cfg, pipeline=args.pipeline)
+        t_load = time.monotonic()
+        result = engine.generate([prompt], params)[0]
+        log.info("loaded %d stage(s) in %.2f s; %d prompt + %d new tokens in %.2f s (%s)",
+                 engine.pipeline, t_load - t0, len(prompt), len(result.token_ids),
+                 time.monotonic() - t_load, result.finish_reason.value)
+        out = {"token_ids": result.token_ids, "finish_reason": result.finish_reason.value}
+    text = tok.decode(out["token_ids"]) if tok else ""
     if args.json:
-        print(json.dumps({"token_ids": result.token_ids, "text": text, "pipeline": args.pipeline,
-                          "finish_reason": result.finish_reason.value}))
+        print(json.dumps({"token_ids": out.pop("token_ids"), "text": text,
+                          "pipeline": args.pipeline, **out}))
     else:
         print(text)
     return 0
+
+
+def _generate_processes(args: argparse.Namespace, prompt: list[int], params, cfg) -> dict:
+    from dataclasses import asdict
+
+    from hydraserve.worker.group import GroupConfig, LocalPipeline
+
+    body = {k: v for k, v in asdict(params).items() if v is not None}
+    group = GroupConfig(args.model, p=args.pipeline, nic_gbps=args.nic_gbps, engine=cfg)
+    tokens, reason = [], None
+    with LocalPipeline(group) as pipe:
+        log.info("pipeline of %d worker process(es) up in %.2f s", args.pipeline,
+                 pipe.stamps["initialised"] - pipe.stamps["start"])
+        for item in pipe.generate(prompt, **body):
+            if "error" in item:
+                raise RuntimeError(f"generation failed: {item['error']}")
+            tokens.append(item["token_id"])
+            reason = item["finish_reason"]
+            if len(tokens) == args.consolidate_after and args.pipeline > 1:
+                log.info("consolidating after %d tokens", len(tokens))
+                pipe.consolidate()
+        consolidated = False
+        if args.consolidate_after is not None and args.pipeline > 1:
+            deadline = time.monotonic() + 60
+            while not consolidated and time.monotonic() < deadline:
+                consolidated = pipe.health(0)["standalone"]
+                time.sleep(0.05)
+        timeline = pipe.timeline()
+    return {"token_ids": tokens, "finish_reason": reason, "timeline": timeline,
+            "consolidated": consolidated}
 
 
 def _add_store(sub: argparse._SubParsersAction) -> None:
@@ -190,6 +235,25 @@ def _cmd_store_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from hydraserve.worker.main import add_arguments
+
+    p = sub.add_parser(
+        "worker", help="one pipeline stage in its own process (started by a cluster backend)",
+        description="Serve one pipeline stage (or a whole model with --pipeline 1). It attaches to "
+                    "its node agent's region before importing torch, loads tensors while their "
+                    "bytes arrive, joins the stage ring on POST /init, streams tokens from POST "
+                    "/generate on the head, and consolidates on POST /consolidate (all-card).")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from hydraserve.worker.main import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve",
@@ -199,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_generate(sub)
     _add_store(sub)
+    _add_worker(sub)
     return parser
 
 

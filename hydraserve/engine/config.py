@@ -167,3 +167,18 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     max_model_len: int = 3072
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def num_kv_blocks(model: ModelConfig, cfg: EngineConfig) -> int:
+    """Blocks of the KV cache: ``cfg.num_kv_blocks``, or what ``kv_cache_mb`` holds for the
+    k and v of every layer of the whole model."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    if cfg.dtype not in DTYPE_BYTES:
+        raise ValueError(f"unsupported dtype {cfg.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    per_block = (2 * model.num_layers * cfg.block_size * model.num_kv_heads * model.head_dim
+                 * DTYPE_BYTES[cfg.dtype])
+    return max(1, cfg.kv_cache_mb * 2**20 // per_block)

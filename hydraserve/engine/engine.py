@@ -11,9 +11,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from hydraserve.engine.config import EngineConfig, ModelConfig
-from hydraserve.engine.kv_cache import num_blocks_for
-from hydraserve.engine.runner import StageRunner, iter_checkpoint, torch_dtype
+from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
+from hydraserve.engine.runner import StageRunner, iter_checkpoint
 from hydraserve.engine.sampler import sample
 from hydraserve.engine.scheduler import Scheduler, TokenOutput
 from hydraserve.engine.sequence import FinishReason, SamplingParams
@@ -37,8 +36,7 @@ class LLMEngine:
         self.model_cfg = ModelConfig.from_dir(self.model_dir)
         self.layout = StageLayout(scan_checkpoint(self.model_dir))
         self.max_model_len = min(self.cfg.max_model_len, self.model_cfg.max_position)
-        elem = torch.empty((), dtype=torch_dtype(self.cfg.dtype)).element_size()
-        self.num_blocks = num_blocks_for(self.model_cfg, self.cfg, elem)
+        self.num_blocks = num_kv_blocks(self.model_cfg, self.cfg)
         self.stages = [StageRunner(self.model_cfg, spec, self.cfg, self.num_blocks,
                                    self.max_model_len) for spec in self.layout.stages(pipeline)]
         weights = weights or (lambda spec: iter_checkpoint(self.model_dir,

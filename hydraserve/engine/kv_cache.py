@@ -7,18 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hydraserve.engine.config import EngineConfig, ModelConfig
-
-
-def bytes_per_block(model: ModelConfig, block_size: int, element_size: int) -> int:
-    """k and v of ``block_size`` tokens over all layers of the whole model."""
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element_size
-
-
-def num_blocks_for(model: ModelConfig, cfg: EngineConfig, element_size: int) -> int:
-    if cfg.num_kv_blocks is not None:
-        return cfg.num_kv_blocks
-    return max(1, cfg.kv_cache_mb * 2**20 // bytes_per_block(model, cfg.block_size, element_size))
+from hydraserve.engine.config import ModelConfig
 
 
 class BlockAllocator:

@@ -16,15 +16,22 @@ from pathlib import Path
 class ServerProcess:
     """``hydraserve ARGS`` in a child process; ``url`` once it announced itself."""
 
-    def __init__(self, args: list[str], log_path: str | Path, timeout: float = 60.0):
+    def __init__(self, args: list[str], log_path: str | Path, timeout: float = 60.0,
+                 wait: bool = True):
+        """Start the process; with ``wait`` also block until it is ready (see wait_ready)."""
         self.args = args
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", *args],
                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
         self.url: str | None = None
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """Block until the process printed its URL; raise (and stop it) if it did not."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while self.url is None and time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
@@ -34,8 +41,9 @@ class ServerProcess:
                 break
         if self.url is None:
             self.stop()
-            raise RuntimeError(f"hydraserve {' '.join(args)} did not start:\n"
+            raise RuntimeError(f"hydraserve {' '.join(self.args)} did not start:\n"
                                f"{self.log_path.read_text()[-3000:]}")
+        return self.url
 
     @property
     def port(self) -> int:

@@ -8,14 +8,16 @@ import signal
 from aiohttp import web
 
 
-async def serve(app: web.Application, host: str, port: int, what: str) -> None:
+async def serve(app: web.Application, host: str, port: int, what: str,
+                stop: asyncio.Event | None = None, extra: str = "") -> None:
+    """Run until SIGINT/SIGTERM or until ``stop`` is set."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # the real port when port == 0
-    print(f"{what} listening on http://{host}:{bound}", flush=True)
-    stop = asyncio.Event()
+    print(f"{what} listening on http://{host}:{bound}{extra}", flush=True)
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,110 @@
+"""The worker's HTTP control API (aiohttp).
+
+  GET  /health        state, stage, timeline
+  GET  /stats         the same plus scheduler and KV use
+  POST /init          {"peers": [{"rank", "host", "stage_port"}]}: join the ring
+  POST /generate      head only: {"prompt_ids": [...], "max_tokens", "temperature", "top_p",
+                      "top_k", "seed", "stop_token_ids", "ignore_eos"} -> newline-delimited JSON,
+                      one {"token_id", "finish_reason"} per token, or {"error"}; closing the
+                      connection cancels the request
+  POST /consolidate   all-card stages: fetch the rest of the model and take it over
+  POST /stop          leave the ring, release the regions, exit
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+
+from aiohttp import web
+
+from hydraserve.engine.sequence import SamplingParams
+from hydraserve.worker.core import Worker
+
+log = logging.getLogger("hydraserve.worker")
+
+PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+
+
+def _bad(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def sampling_params(body: dict) -> SamplingParams:
+    """Build sampling parameters from a request body; ValueError if they are invalid."""
+    kwargs = {k: body[k] for k in PARAM_FIELDS if body.get(k) is not None}
+    if "stop_token_ids" in body:
+        kwargs["stop_token_ids"] = tuple(int(t) for t in body["stop_token_ids"] or ())
+    try:
+        return SamplingParams(**kwargs)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+def make_app(worker: Worker) -> web.Application:
+    app = web.Application()
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response(worker.describe())
+
+    async def init(request: web.Request) -> web.Response:
+        try:
+            peers = (await request.json())["peers"]
+        except (ValueError, KeyError, TypeError):
+            return _bad(400, 'body must be {"peers": [{"rank", "host", "stage_port"}, ...]}')
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, worker.connect, peers)
+        except (OSError, ConnectionError, KeyError) as e:
+            return _bad(502, f"cannot join the pipeline: {e}")
+        return web.json_response(worker.describe())
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        why = worker.can_generate()
+        if why:
+            return _bad(503, why)
+        try:
+            body = await request.json()
+            prompt = [int(t) for t in body["prompt_ids"]]
+            params = sampling_params(body)
+        except (ValueError, KeyError, TypeError) as e:
+            return _bad(400, f"invalid request: {e}")
+        if not prompt:
+            return _bad(400, "prompt_ids is empty")
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        key = secrets.token_hex(8)
+        worker.submit(key, prompt, params, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            while True:
+                item = await items.get()
+                await resp.write(json.dumps(item).encode() + b"\n")
+                if "error" in item or item.get("finish_reason"):
+                    break
+        except (ConnectionResetError, asyncio.CancelledError):
+            worker.abort(key)
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def consolidate(_: web.Request) -> web.Response:
+        try:
+            worker.consolidate()
+        except ValueError as e:
+            return _bad(409, str(e))
+        return web.json_response(worker.describe())
+
+    async def stop(_: web.Request) -> web.Response:
+        worker.stop()
+        return web.json_response({"stopped": worker.cfg.worker_id})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", health)
+    app.router.add_post("/init", init)
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/consolidate", consolidate)
+    app.router.add_post("/stop", stop)
+    return app

@@ -1,0 +1,89 @@
+"""``hydraserve worker``: the process every cluster backend starts, one per pipeline stage.
+
+Fast start, in this order: attach to the node agent's region (standard library only: the fetch
+was ordered before this process existed and keeps running), import torch and the engine, start
+loading tensors as their bytes arrive (a thread), and only then import the HTTP stack and serve
+the control API, so imports, fetch and copies overlap.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+START = time.time()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name in the remote store")
+    p.add_argument("--rank", type=int, default=0, help="this stage's rank (default: 0)")
+    p.add_argument("--pipeline", type=int, default=1, dest="p", help="pipeline size p (default: 1)")
+    p.add_argument("--layers", required=True,
+                   help="decoder layers this stage holds, START:END (from the store's layout)")
+    p.add_argument("--all-card", action="store_true",
+                   help="memory for the whole model is reserved: this stage can consolidate")
+    p.add_argument("--agent", required=True, help="URL of this node's storage agent")
+    p.add_argument("--worker-id", default=None, help="name for logs (default: MODEL-rRANK)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="control API port; 0 = free (default)")
+    p.add_argument("--stage-port", type=int, default=0,
+                   help="TCP port for the previous stage's connection; 0 = free (default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--num-kv-blocks", type=int, required=True,
+                   help="KV cache blocks; the same on every stage of a pipeline")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="running sequences (default: 64)")
+    p.add_argument("--max-model-len", type=int, default=3072, help="default: 3072")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hydraserve.store.image import ImageKind, ImageSpec
+    from hydraserve.store.progressive import ProgressiveRegion
+    from hydraserve.worker.timeline import Timeline
+
+    wid = args.worker_id or f"{args.model}-r{args.rank}"
+    timeline = Timeline(wid, START)
+    region = ProgressiveRegion.attach(args.agent, ImageSpec(args.model, ImageKind.STAGE, args.p,
+                                                            args.rank))
+    timeline.mark("attached")
+
+    import torch  # noqa: F401 - the heavy import, overlapping the fetch
+
+    from hydraserve.engine.config import EngineConfig
+    from hydraserve.worker.core import Worker, WorkerConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timeline.mark("imports_done")
+    start, end = (int(x) for x in args.layers.split(":"))
+    engine = EngineConfig(device=args.device, dtype=args.dtype, block_size=args.block_size,
+                          num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len)
+    cfg = WorkerConfig(worker_id=wid, model=args.model, rank=args.rank, p=args.p,
+                       layers=(start, end), all_card=args.all_card, agent=args.agent,
+                       engine=engine, host=args.host, stage_port=args.stage_port)
+    worker = Worker(cfg, region, timeline)
+    worker.start_loading()
+
+    import asyncio
+
+    from hydraserve.store.server import serve
+    from hydraserve.worker.api import make_app
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, lambda: (worker.exit_requested.wait(),
+                                            loop.call_soon_threadsafe(stop.set)))
+        timeline.mark("http_ready")
+        await serve(make_app(worker), args.host, args.port, f"hydraserve worker {wid}", stop,
+                    extra=f" stage_port={worker.stage_port}")
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.stop()
+    logging.getLogger("hydraserve.worker").info("worker %s: exited", wid)
+    return 0
