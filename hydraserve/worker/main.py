@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 START = time.time()
@@ -36,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="running sequences (default: 64)")
     p.add_argument("--max-model-len", type=int, default=3072, help="default: 3072")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--omp-spin-count", type=int, default=20000,
+                   help="how long idle OpenMP threads spin before sleeping (sets GOMP_SPINCOUNT "
+                        "before torch loads). The default spin (~ms) would make an idle stage "
+                        "steal the cores of the stage computing next when stages share a "
+                        "machine; 20000 keeps one worker as fast and a pipeline on shared cores "
+                        "~40%% faster (default: 20000; -1 keeps the runtime's default)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
                                                             args.rank))
     timeline.mark("attached")
 
+    if args.omp_spin_count >= 0:
+        os.environ["GOMP_SPINCOUNT"] = str(args.omp_spin_count)
     import torch  # noqa: F401 - the heavy import, overlapping the fetch
 
     from hydraserve.engine.config import EngineConfig
