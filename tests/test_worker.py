@@ -127,6 +127,15 @@ def test_bad_generate_requests(llama_dir):
             call(pipe.workers[1].url, "POST", "/generate", {"prompt_ids": [1]})
         with pytest.raises(CallError, match="409"):  # a part-card stage cannot consolidate
             call(pipe.workers[1].url, "POST", "/consolidate")
+        # a caller that goes away cancels its request
+        gen = pipe.generate([1, 2, 3], max_tokens=5000, ignore_eos=True)
+        assert "token_id" in next(gen) and "token_id" in next(gen)
+        gen.close()  # closes the connection
+        deadline = time.monotonic() + 5
+        while pipe.health(0)["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipe.health(0)["running"] == 0 and pipe.health(0)["kv_blocks_free"] == \
+            pipe.health(0)["kv_blocks"]
         too_long = list(pipe.generate(list(range(5000)), max_tokens=2))
         assert "error" in too_long[-1]
         ok = list(pipe.generate([1, 2], max_tokens=3, ignore_eos=True))

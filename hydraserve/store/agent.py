@@ -35,6 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from hydraserve.store.bandwidth import Link
+from hydraserve.store.server import json_error
 from hydraserve.store.image import ImageKind, ImageSpec
 
 log = logging.getLogger("hydraserve.agent")
@@ -264,9 +265,6 @@ class Agent:
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** failures))
 
 
-def _bad(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
 
 def make_app(cfg: AgentConfig) -> web.Application:
     agent = Agent(cfg)
@@ -294,9 +292,9 @@ def make_app(cfg: AgentConfig) -> web.Application:
         try:
             region = await agent.prefetch(spec)
         except FetchError as e:
-            return _bad(e.status, e.args[0])
+            return json_error(e.status, e.args[0])
         except aiohttp.ClientError as e:
-            return _bad(502, f"remote store unreachable: {e}")
+            return json_error(502, f"remote store unreachable: {e}")
         if attach:
             agent.attach(region)
         return web.json_response(region.describe())
@@ -318,7 +316,7 @@ def make_app(cfg: AgentConfig) -> web.Application:
         try:
             rid = (await request.json())["id"]
         except (ValueError, KeyError, TypeError):
-            return _bad(400, 'body must be {"id": REGION}')
+            return json_error(400, 'body must be {"id": REGION}')
         region = region_of(request, rid)
         agent.release(region)
         return web.json_response(region.describe())
@@ -335,7 +333,7 @@ def make_app(cfg: AgentConfig) -> web.Application:
     async def delete(request: web.Request) -> web.Response:
         r = region_of(request, request.match_info["id"])
         if r.readers:
-            return _bad(409, f"region {r.id} has {r.readers} reader(s)")
+            return json_error(409, f"region {r.id} has {r.readers} reader(s)")
         agent._free(r)
         return web.json_response({"deleted": r.id})
 

@@ -13,6 +13,7 @@ Images are streamed from the checkpoint files (never built in memory), honour ``
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hydraserve.store.bandwidth import Link
+from hydraserve.store.server import json_error
 from hydraserve.store.checkpoint import CheckpointError, scan_checkpoint
 from hydraserve.store.image import ImageKind, ImageSpec, StageImage
 from hydraserve.store.layout import StageLayout
@@ -78,9 +80,6 @@ class ModelStore:
         return self._images[spec.key]
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
 
 def make_app(store: ModelStore, egress_gbps: float | None = None) -> web.Application:
     egress = Link(egress_gbps)
@@ -92,7 +91,8 @@ def make_app(store: ModelStore, egress_gbps: float | None = None) -> web.Applica
             spec = ImageSpec(request.match_info["name"], ImageKind(q.get("kind", "stage")),
                              int(q.get("p", 1)), int(q.get("rank", 0)))
         except ValueError as e:
-            raise web.HTTPBadRequest(text=f'{{"error": "{e}"}}', content_type="application/json")
+            raise web.HTTPBadRequest(text=json.dumps({"error": str(e)}),
+                                     content_type="application/json") from None
         return spec
 
     async def health(_: web.Request) -> web.Response:
@@ -117,9 +117,9 @@ def make_app(store: ModelStore, egress_gbps: float | None = None) -> web.Applica
             lay = store.layout(name)
             stages = lay.stages(p)
         except KeyError:
-            return _error(404, f"unknown model {name!r}")
+            return json_error(404, f"unknown model {name!r}")
         except ValueError as e:
-            return _error(400, str(e))
+            return json_error(400, str(e))
         return web.json_response({"model": name, "p": p, "stages": [
             {"rank": s.rank, "layers": [s.layer_start, s.layer_end],
              "bytes": store.image(ImageSpec(name, ImageKind.STAGE, p, s.rank)).size}
@@ -130,9 +130,9 @@ def make_app(store: ModelStore, egress_gbps: float | None = None) -> web.Applica
         try:
             img = store.image(spec)
         except KeyError:
-            return _error(404, f"unknown model {spec.model!r}")
+            return json_error(404, f"unknown model {spec.model!r}")
         except (ValueError, CheckpointError) as e:
-            return _error(400, str(e))
+            return json_error(400, str(e))
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         try:
             rng = parse_range(request.headers.get("Range"), img.size)

@@ -8,6 +8,11 @@ import signal
 from aiohttp import web
 
 
+def json_error(status: int, message: str) -> web.Response:
+    """The error shape every hydraserve server answers with: {"error": message}."""
+    return web.json_response({"error": message}, status=status)
+
+
 async def serve(app: web.Application, host: str, port: int, what: str,
                 stop: asyncio.Event | None = None, extra: str = "") -> None:
     """Run until SIGINT/SIGTERM or until ``stop`` is set."""

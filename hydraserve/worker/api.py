@@ -20,15 +20,13 @@ import secrets
 from aiohttp import web
 
 from hydraserve.engine.sequence import SamplingParams
+from hydraserve.store.server import json_error
 from hydraserve.worker.core import Worker
 
 log = logging.getLogger("hydraserve.worker")
 
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
 
-
-def _bad(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 def sampling_params(body: dict) -> SamplingParams:
@@ -52,26 +50,26 @@ def make_app(worker: Worker) -> web.Application:
         try:
             peers = (await request.json())["peers"]
         except (ValueError, KeyError, TypeError):
-            return _bad(400, 'body must be {"peers": [{"rank", "host", "stage_port"}, ...]}')
+            return json_error(400, 'body must be {"peers": [{"rank", "host", "stage_port"}, ...]}')
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, worker.connect, peers)
         except (OSError, ConnectionError, KeyError) as e:
-            return _bad(502, f"cannot join the pipeline: {e}")
+            return json_error(502, f"cannot join the pipeline: {e}")
         return web.json_response(worker.describe())
 
     async def generate(request: web.Request) -> web.StreamResponse:
         why = worker.can_generate()
         if why:
-            return _bad(503, why)
+            return json_error(503, why)
         try:
             body = await request.json()
             prompt = [int(t) for t in body["prompt_ids"]]
             params = sampling_params(body)
         except (ValueError, KeyError, TypeError) as e:
-            return _bad(400, f"invalid request: {e}")
+            return json_error(400, f"invalid request: {e}")
         if not prompt:
-            return _bad(400, "prompt_ids is empty")
+            return json_error(400, "prompt_ids is empty")
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         key = secrets.token_hex(8)
@@ -94,7 +92,7 @@ def make_app(worker: Worker) -> web.Application:
         try:
             worker.consolidate()
         except ValueError as e:
-            return _bad(409, str(e))
+            return json_error(409, str(e))
         return web.json_response(worker.describe())
 
     async def stop(_: web.Request) -> web.Response:
