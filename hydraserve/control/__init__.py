@@ -1,0 +1,1 @@
+"""Control-plane policies: placement, GPU-memory and NIC accounting (standard library only)."""
