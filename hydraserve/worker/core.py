@@ -63,6 +63,7 @@ class WorkerConfig:
     engine: EngineConfig
     host: str = "127.0.0.1"
     stage_port: int = 0
+    streaming_load: bool = True  # False: wait for every byte, then load (a baseline)
 
 
 class Worker:
@@ -110,6 +111,8 @@ class Worker:
             max_len = min(self.cfg.engine.max_model_len, model_cfg.max_position)
             blocks = self.cfg.engine.num_kv_blocks
             runner = StageRunner(model_cfg, self.spec, self.cfg.engine, blocks, max_len)
+            if not self.cfg.streaming_load:
+                self.region.wait_for(self.region.length)
             runner.load(iter_region(self.region))
             self.timeline.mark("weights_ready")
             self.region.close()  # the weights are copied: the agent may free the region

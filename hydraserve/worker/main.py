@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="running sequences (default: 64)")
     p.add_argument("--max-model-len", type=int, default=3072, help="default: 3072")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--late-attach", action="store_true",
+                   help="baseline start path: import torch first, only then attach (and so start "
+                        "the fetch when no prefetch was ordered)")
+    p.add_argument("--no-streaming-load", action="store_true",
+                   help="baseline load path: wait for every byte of the stage, then load")
     p.add_argument("--omp-spin-count", type=int, default=20000,
                    help="how long idle OpenMP threads spin before sleeping (sets GOMP_SPINCOUNT "
                         "before torch loads). The default spin (~ms) would make an idle stage "
@@ -52,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     wid = args.worker_id or f"{args.model}-r{args.rank}"
     timeline = Timeline(wid, START)
-    region = ProgressiveRegion.attach(args.agent, ImageSpec(args.model, ImageKind.STAGE, args.p,
-                                                            args.rank))
-    timeline.mark("attached")
+    spec = ImageSpec(args.model, ImageKind.STAGE, args.p, args.rank)
+    region = None
+    if not args.late_attach:
+        region = ProgressiveRegion.attach(args.agent, spec)
+        timeline.mark("attached")
 
     if args.omp_spin_count >= 0:
         os.environ["GOMP_SPINCOUNT"] = str(args.omp_spin_count)
@@ -66,13 +73,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     timeline.mark("imports_done")
+    if region is None:
+        region = ProgressiveRegion.attach(args.agent, spec)
+        timeline.mark("attached")
     start, end = (int(x) for x in args.layers.split(":"))
     engine = EngineConfig(device=args.device, dtype=args.dtype, block_size=args.block_size,
                           num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len)
     cfg = WorkerConfig(worker_id=wid, model=args.model, rank=args.rank, p=args.p,
                        layers=(start, end), all_card=args.all_card, agent=args.agent,
-                       engine=engine, host=args.host, stage_port=args.stage_port)
+                       engine=engine, host=args.host, stage_port=args.stage_port,
+                       streaming_load=not args.no_streaming_load)
     worker = Worker(cfg, region, timeline)
     worker.start_loading()
 

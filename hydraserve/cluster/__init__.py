@@ -1,0 +1,1 @@
+"""Where workers run: the backend protocol and its implementations (local processes today)."""

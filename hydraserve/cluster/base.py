@@ -1,0 +1,50 @@
+"""The cluster backend protocol: the control plane starts and stops workers only through it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from hydraserve.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a backend needs to start one ``hydraserve worker``."""
+
+    worker_id: str
+    model: str
+    node: str
+    rank: int
+    p: int
+    layers: tuple[int, int]
+    all_card: bool
+    num_kv_blocks: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int = 3072
+    late_attach: bool = False  # baseline: fetch only once the worker is up
+    streaming_load: bool = True  # baseline off: wait for every byte, then load
+
+
+class ClusterBackend(Protocol):
+    def nodes(self) -> tuple[ServerConfig, ...]: ...
+
+    def store_url(self) -> str: ...
+
+    def agent_url(self, node: str) -> str: ...
+
+    def register_model(self, name: str, path: str) -> None: ...
+
+    def unregister_model(self, name: str) -> None: ...
+
+    def start_worker(self, spec: WorkerSpec) -> None:
+        """Begin starting the worker; returns without waiting for it."""
+
+    def wait_worker(self, worker_id: str, timeout: float) -> str:
+        """Block until the worker serves its control API; return its URL."""
+
+    def stop_worker(self, worker_id: str) -> None: ...
+
+    def worker_alive(self, worker_id: str) -> bool: ...
+
+    def close(self) -> None: ...

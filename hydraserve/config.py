@@ -1,0 +1,172 @@
+"""Typed configuration, built once at the entry point and passed down.
+
+Three files a user may write (YAML):
+
+cluster::
+
+    device: cpu                # where workers run the model: cpu or cuda
+    share: true                # GPUs shared by memory (SHARE=1) or exclusive (SHARE=0)
+    storage: {egress_gbps: 32} # the remote store's egress limit (null: unlimited)
+    scale:                     # sizes and NICs below are in the paper's units (ScaleConfig)
+      size_scale: 100          # a 130 MB checkpoint counts as 13 GB; 16 Gbps runs at 0.16 Gbps
+      after_fetch_ms: 2000     # "everything after the fetch" in the TTFT model
+    servers:
+      - {name: a10-0, gpus: [24], nic_gbps: 16, host_memory_gb: 188, cache_gb: 0}
+
+models::
+
+    models:
+      - {name: llama-2-7b, path: /models/llama-2-7b, ttft_slo_s: 7.5, tpot_slo_ms: 200}
+
+and the gateway's settings, which come from ``hydraserve serve`` flags.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    gpus: tuple[float, ...]  # memory budget of each GPU, GB
+    nic_gbps: float
+    host_memory_gb: float = 64.0
+    cache_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How this cluster maps onto the paper's units. The control plane reasons in the paper's
+    GB and Gbps (its constants, 5 GB KV reserve, 6 GB absorption, apply unchanged); a model of B
+    bytes counts as B * size_scale / 1e9 GB, and an agent's real NIC limit is nic_gbps /
+    size_scale, so fetch times in seconds are the paper's."""
+
+    size_scale: float = 1.0
+    after_fetch_ms: float = 2000.0  # "everything after the fetch" in the TTFT model
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    servers: tuple[ServerConfig, ...]
+    device: str = "cpu"
+    share: bool = True
+    egress_gbps: float | None = None
+    scale: ScaleConfig = ScaleConfig()
+
+    def server(self, name: str) -> ServerConfig:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ModelConfigEntry:
+    name: str
+    path: str
+    ttft_slo_s: float = 7.5
+    tpot_slo_ms: float | None = None
+    profiled_tpot_ms: float | None = None
+    size_gb: float | None = None  # default: the checkpoint's bytes
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    exec_type: str = "hydraserve"
+    keep_alive_s: float = 30.0
+    batch_capacity: int = 8  # requests per instance (8p for a p-stage pipeline)
+    max_queue: int = 1024  # queued requests per model before 429
+    admin_token: str | None = None
+    max_model_len: int = 3072
+    max_new_tokens: int = 1024
+    kv_cache_mb: int = 128  # per worker
+    log_dir: str | None = None
+
+
+def _load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+def cluster_from_dict(d: dict) -> ClusterConfig:
+    try:
+        servers = tuple(ServerConfig(name=str(s["name"]), gpus=tuple(float(g) for g in s["gpus"]),
+                                     nic_gbps=float(s["nic_gbps"]),
+                                     host_memory_gb=float(s.get("host_memory_gb", 64.0)),
+                                     cache_gb=float(s.get("cache_gb", 0.0)))
+                        for s in d["servers"])
+        scale = ScaleConfig(**{k: float(v) for k, v in (d.get("scale") or {}).items()})
+        egress = (d.get("storage") or {}).get("egress_gbps")
+        cfg = ClusterConfig(servers=servers, device=str(d.get("device", "cpu")),
+                            share=bool(d.get("share", True)),
+                            egress_gbps=None if egress is None else float(egress), scale=scale)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"cluster config: {e!r}") from None
+    names = [s.name for s in cfg.servers]
+    if not names:
+        raise ConfigError("cluster config: no servers")
+    if len(set(names)) != len(names) or not all(NAME.match(n) for n in names):
+        raise ConfigError(f"cluster config: server names must be unique and simple: {names}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"cluster config: device must be cpu or cuda, not {cfg.device!r}")
+    return cfg
+
+
+def load_cluster(path: str | Path) -> ClusterConfig:
+    return cluster_from_dict(_load_yaml(path))
+
+
+def models_from_dict(d: dict, base: Path | None = None) -> list[ModelConfigEntry]:
+    out = []
+    try:
+        for m in d["models"]:
+            path = Path(m["path"])
+            if base is not None and not path.is_absolute():
+                path = base / path
+            out.append(ModelConfigEntry(
+                name=str(m["name"]), path=str(path), ttft_slo_s=float(m.get("ttft_slo_s", 7.5)),
+                tpot_slo_ms=None if m.get("tpot_slo_ms") is None else float(m["tpot_slo_ms"]),
+                profiled_tpot_ms=None if m.get("profiled_tpot_ms") is None
+                else float(m["profiled_tpot_ms"]),
+                size_gb=None if m.get("size_gb") is None else float(m["size_gb"])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"models config: {e!r}") from None
+    for m in out:
+        if not NAME.match(m.name):
+            raise ConfigError(f"model name {m.name!r} must match {NAME.pattern}")
+    return out
+
+
+def load_models(path: str | Path) -> list[ModelConfigEntry]:
+    return models_from_dict(_load_yaml(path), Path(path).parent)
+
+
+def default_local_cluster() -> ClusterConfig:
+    """The embedded default: the paper's A10 servers scaled by 1/100 -- 4 servers with one
+    24 GB GPU and a 16 Gbps NIC each, in the paper's units; a ~130 MB model counts as 13 GB and
+    each NIC really moves 0.16 Gbps, so fetches take the paper's seconds. 4 s after the fetch
+    covers this machine's worker start (Python and torch imports on shared cores)."""
+    return ClusterConfig(
+        servers=tuple(ServerConfig(f"server{i}", (24.0,), 16.0, 188.0, 0.0) for i in range(4)),
+        device="cpu", share=True, egress_gbps=None,
+        scale=ScaleConfig(size_scale=100.0, after_fetch_ms=4000.0))
