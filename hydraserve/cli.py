@@ -2,7 +2,9 @@
 ``hydraserve --help`` starts in a fraction of a second and never imports torch.
 
 Environment variables (read here only):
-  HYDRASERVE_LOG_LEVEL   logging level for every subcommand (default INFO)
+  HYDRASERVE_LOG_LEVEL    logging level for every subcommand (default INFO)
+  HYDRASERVE_ADMIN_TOKEN  serve: the admin API's bearer token when --admin-token is not given
+  HYDRASERVE_CACHE        serve: where the demo model is kept (default ~/.cache/hydraserve)
 """
 from __future__ import annotations
 
@@ -254,16 +256,100 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run the gateway and a cluster (default: everything on this machine)",
+        description="Serve models behind one OpenAI-compatible endpoint. With no arguments: make "
+                    "a demo model once, start a local cluster of 4 emulated servers (a remote "
+                    "store, one storage agent per server with its NIC limit, worker processes on "
+                    "demand), register the model and serve it. Models scale to zero after the "
+                    "keep-alive; a cold request starts them (as a pipeline when that meets the "
+                    "TTFT SLO). Ctrl-C or SIGTERM stops every process and frees shared memory.",
+        epilog="Environment: HYDRASERVE_ADMIN_TOKEN (admin bearer token, if --admin-token is not "
+               "given), HYDRASERVE_CACHE (where the demo model is kept; default ~/.cache/hydraserve).")
+    p.add_argument("--cluster", help="cluster YAML (default: 4 local servers, paper's A10 "
+                                     "scaled by 1/100)")
+    p.add_argument("--models", help="models YAML (default: the demo model)")
+    p.add_argument("--exec-type", default="hydraserve",
+                   choices=["serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
+                            "hydraserve_with_single_worker", "hydraserve", "hydraserve_with_cache"],
+                   help="execution type preset (default: hydraserve)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    p.add_argument("--keep-alive", type=float, default=30.0,
+                   help="seconds an idle instance is kept before it scales to zero (default: 30)")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="queued requests per model before 429 (default: 1024)")
+    p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
+    p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
+    p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _demo_model() -> str:
+    from pathlib import Path
+
+    from hydraserve.make_model import ModelSpec, make_model
+
+    root = Path(os.environ.get("HYDRASERVE_CACHE") or Path.home() / ".cache" / "hydraserve")
+    path = root / "demo-llama"
+    if not (path / "config.json").exists():
+        log.info("making the demo model in %s (once) ...", path)
+        make_model(path, ModelSpec(arch="llama", hidden=512, layers=8, heads=8, vocab=8192))
+    return str(path)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    import uvicorn
+
+    from hydraserve.cluster.local import LocalCluster
+    from hydraserve.config import (GatewayConfig, ModelConfigEntry, default_local_cluster,
+                                   load_cluster, load_models)
+    from hydraserve.gateway.app import Gateway, create_app
+
+    cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
+    models = load_models(args.models) if args.models else [
+        ModelConfigEntry(name="demo", path=_demo_model(), ttft_slo_s=7.5)]
+    gw = GatewayConfig(host=args.host, port=args.port, exec_type=args.exec_type,
+                       keep_alive_s=args.keep_alive, max_queue=args.max_queue,
+                       admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
+                       kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir)
+    sock = socket.create_server((args.host, args.port))
+    port = sock.getsockname()[1]
+    url = f"http://{args.host}:{port}"
+    name = models[0].name
+
+    def ready() -> None:
+        print(f"hydraserve gateway listening on {url}", flush=True)
+        print(f"""
+  {len(cluster_cfg.servers)} servers, execution type {args.exec_type}, models: {', '.join(m.name for m in models)}
+  try:
+    curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
+print(c.completions.create(model='{name}', prompt='def main():', max_tokens=32).choices[0].text)"
+""", flush=True)
+
+    gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir), models)
+    config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve",
         description="HydraServe: serverless LLM serving with pipeline-parallel cold starts.",
-        epilog="Environment: HYDRASERVE_LOG_LEVEL sets the log level (default INFO).")
+        epilog="Environment: HYDRASERVE_LOG_LEVEL sets the log level (default INFO); see "
+               "'hydraserve serve --help' for the serve variables.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(sub)
     _add_generate(sub)
     _add_store(sub)
     _add_worker(sub)
+    _add_serve(sub)
     return parser
 
 

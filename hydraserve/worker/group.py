@@ -76,8 +76,9 @@ class LocalPipeline:
         self.layers = [tuple(s["layers"]) for s in layout["stages"]]
         self.stamps["prefetch_started"] = time.time()
         for r, agent in enumerate(self.agents):
-            call(agent.url, "POST", "/prefetch",
-                 ImageSpec(self.name, ImageKind.STAGE, cfg.p, r).to_dict())
+            spec = ImageSpec(self.name, ImageKind.FULL) if cfg.p == 1 else \
+                ImageSpec(self.name, ImageKind.STAGE, cfg.p, r)
+            call(agent.url, "POST", "/prefetch", spec.to_dict())
         blocks = num_kv_blocks(ModelConfig.from_dir(self.model_dir), cfg.engine)
         e = cfg.engine
         for r in range(cfg.p):

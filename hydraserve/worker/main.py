@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     wid = args.worker_id or f"{args.model}-r{args.rank}"
     timeline = Timeline(wid, START)
-    spec = ImageSpec(args.model, ImageKind.STAGE, args.p, args.rank)
+    # a whole model is a full image: the one an agent can keep in its cache
+    spec = ImageSpec(args.model, ImageKind.FULL) if args.p == 1 else \
+        ImageSpec(args.model, ImageKind.STAGE, args.p, args.rank)
     region = None
     if not args.late_attach:
         region = ProgressiveRegion.attach(args.agent, spec)

@@ -1,0 +1,495 @@
+"""The control plane's reconcile loop (asyncio, torch-free).
+
+Per model endpoint: a FIFO queue. Every tick (and whenever something changes) the loop assigns
+queued requests to ready instances with free slots, starts ceil(unserved / 8) new instances in
+groups of at most 4 stages' worth when demand is not covered by instances still starting, and
+stops instances idle past the keep-alive. An instance start claims GPU memory and NIC shares,
+orders each stage's prefetch from its node's agent *before* the workers exist, then starts the
+workers through the cluster backend and joins them with /init. A pipeline with part-card stages
+consolidates as soon as it serves; its part-card GPUs are then released and its other all-card
+stages become standalone instances.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from hydraserve.cluster.base import ClusterBackend, WorkerSpec
+from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
+from hydraserve.control.gpu import GpuLedger
+from hydraserve.control.instance import Instance, InstanceState, Request, Stage
+from hydraserve.control.network import NicLedger, claim_gbits, fetch_deadline
+from hydraserve.control.placement import POLICIES, PolicyName, place_cached, place_static
+from hydraserve.control.presets import Preset
+from hydraserve.control.snapshot import (MAX_GROUP, ModelInfo, NodeSnapshot, Placement,
+                                         PlacementRequest)
+
+log = logging.getLogger("hydraserve.control")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Endpoint:
+    entry: ModelConfigEntry
+    size_gb: float  # in the cluster's (paper) units
+    num_kv_blocks: int
+    queue: list[Request] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    layouts: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    cold_starts: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+class Controller:
+    def __init__(self, cluster: ClusterBackend, cluster_cfg: ClusterConfig, gw: GatewayConfig,
+                 preset: Preset):
+        self.cluster, self.cluster_cfg, self.gw, self.preset = cluster, cluster_cfg, gw, preset
+        self.gpus = GpuLedger({s.name: list(s.gpus) for s in cluster_cfg.servers},
+                              share=preset.share_gpus and cluster_cfg.share)
+        self.nics = NicLedger({s.name: s.nic_gbps for s in cluster_cfg.servers})
+        self.endpoints: dict[str, Endpoint] = {}
+        self.instances: dict[str, Instance] = {}
+        self.cached: dict[str, set[str]] = {s.name: set() for s in cluster_cfg.servers}
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._closing = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None,
+                                                                           sock_connect=10))
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._loop_task:
+            self._loop_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for inst in list(self.instances.values()):
+            await self._stop_instance(inst, InstanceState.STOPPED)
+        for ep in self.endpoints.values():
+            for req in ep.queue:
+                req.events.put_nowait({"error": "the server is shutting down", "status": 503})
+        if self.session:
+            await self.session.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- models ------------------------------------------------------------------------------------
+    def register(self, entry: ModelConfigEntry) -> Endpoint:
+        """Make a model servable (idempotent for the same entry)."""
+        from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
+
+        path = Path(entry.path)
+        cfg = ModelConfig.from_dir(path)  # validates the directory; torch-free
+        size = entry.size_gb
+        if size is None:
+            nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            size = nbytes * self.cluster_cfg.scale.size_scale / 1e9
+        blocks = num_kv_blocks(cfg, EngineConfig(kv_cache_mb=self.gw.kv_cache_mb))
+        self.cluster.register_model(entry.name, str(path))
+        ep = Endpoint(entry, size, blocks)
+        old = self.endpoints.get(entry.name)
+        if old is not None:
+            ep.queue, ep.instances = old.queue, old.instances
+        self.endpoints[entry.name] = ep
+        log.info("model %s registered: %.2f GB, %d KV blocks per worker", entry.name, size, blocks)
+        return ep
+
+    async def warm_cache(self, name: str) -> None:
+        """Put the whole model in every server's host cache (ServerlessLLM with cached model)."""
+        await asyncio.gather(*(self._post(self.cluster.agent_url(s.name), "/prefetch",
+                                          {"model": name, "kind": "full"})
+                               for s in self.cluster_cfg.servers))
+        for s in self.cluster_cfg.servers:
+            url = self.cluster.agent_url(s.name)
+            for r in (await self._get(url, "/regions"))["regions"]:
+                if r["model"] == name:
+                    await self._get(url, f"/regions/{r['id']}?wait=1")
+        await self._refresh_cache()
+
+    async def unregister(self, name: str) -> None:
+        ep = self.endpoints.pop(name)
+        for inst in list(ep.instances):
+            await self._stop_instance(inst, InstanceState.STOPPED)
+        for req in ep.queue:
+            req.events.put_nowait({"error": f"model {name} was removed", "status": 404})
+        self.cluster.unregister_model(name)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        ep = self.endpoints[req.model]
+        if len(ep.queue) >= self.gw.max_queue:
+            raise QueueFull(f"{len(ep.queue)} requests are queued for {req.model}")
+        ep.queue.append(req)
+        self.wake()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        if req.task is not None:
+            req.task.cancel()
+        self.wake()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.1)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            now = time.monotonic()
+            self.nics.advance(now)
+            for ep in list(self.endpoints.values()):
+                try:
+                    self._reconcile(ep, now)
+                except Exception:  # noqa: BLE001 - one endpoint must not stop the loop
+                    log.exception("reconcile of %s failed", ep.name)
+
+    def _reconcile(self, ep: Endpoint, now: float) -> None:
+        ep.queue = [r for r in ep.queue if not r.cancelled]
+        for inst in ep.instances:
+            while ep.queue and inst.free_slots:
+                self._dispatch(inst, ep.queue.pop(0))
+        starting = sum(i.capacity for i in ep.instances if i.state is InstanceState.STARTING)
+        unserved = len(ep.queue) - starting
+        if unserved > 0:
+            self._scale_up(ep, now, math.ceil(unserved / self.gw.batch_capacity))
+        for inst in list(ep.instances):
+            if (inst.state is InstanceState.READY and inst.active == 0
+                    and now - inst.last_used > self.gw.keep_alive_s):
+                log.info("instance %s idle for %.0f s: scaling down", inst.id, now - inst.last_used)
+                self._spawn(self._stop_instance(inst, InstanceState.STOPPED))
+
+    def _snapshot(self, now: float) -> tuple[NodeSnapshot, ...]:
+        return tuple(NodeSnapshot(name=s.name, gpus=self.gpus.snapshot_gpus(s.name),
+                                  nic_gbps=s.nic_gbps, offered_gbps=self.nics.offered(s.name, now),
+                                  cached_models=frozenset(self.cached.get(s.name, ())))
+                     for s in self.cluster_cfg.servers)
+
+    def _place(self, ep: Endpoint, now: float, wanted: int) -> Placement | None:
+        wait_ms = (now - ep.queue[0].arrival) * 1000 if ep.queue else 0.0
+        e = ep.entry
+        req = PlacementRequest(
+            model=ModelInfo(e.name, ep.size_gb, e.ttft_slo_s * 1000, e.tpot_slo_ms,
+                            e.profiled_tpot_ms),
+            nodes=self._snapshot(now), instances_wanted=wanted, wait_ms=wait_ms,
+            max_p=self.preset.max_p, after_fetch_ms=self.cluster_cfg.scale.after_fetch_ms)
+        if self.preset.cache:
+            placed = place_cached(req)
+            if placed is not None:
+                return placed
+        if self.preset.policy is PolicyName.STATIC:
+            return place_static(req, self.preset.static_p)
+        return POLICIES[self.preset.policy](req)
+
+    def _scale_up(self, ep: Endpoint, now: float, wanted: int) -> None:
+        budget = MAX_GROUP
+        while wanted > 0 and budget > 0:
+            placement = self._place(ep, now, wanted)
+            if placement is None or placement.p > budget:
+                return
+            inst = self._claim(ep, placement, now)
+            if inst is None:
+                return
+            wanted -= 1
+            budget -= placement.p
+            ep.cold_starts += 1
+            self._spawn(self._start_instance(ep, inst))
+
+    def _claim(self, ep: Endpoint, placement: Placement, now: float) -> Instance | None:
+        iid = f"{ep.name}-{next(self._ids)}"
+        stages = []
+        try:
+            for sp in placement.stages:
+                claim = self.gpus.claim(sp.node, sp.gpu, sp.reserve_gb)
+                stages.append(Stage(sp.rank, sp.node, sp.all_card, claim, f"{iid}-r{sp.rank}"))
+        except ValueError as e:
+            log.warning("placement of %s no longer fits: %s", ep.name, e)
+            for s in stages:
+                self.gpus.release(s.claim)
+            return None
+        if not placement.from_cache:
+            wait_ms = (now - ep.queue[0].arrival) * 1000 if ep.queue else 0.0
+            deadline = fetch_deadline(now, ep.entry.ttft_slo_s * 1000, wait_ms)
+            for s in stages:
+                s.fetch = self.nics.book(s.node, claim_gbits(ep.size_gb, placement.p), deadline,
+                                         now)
+        inst = Instance(iid, ep.name, placement, stages,
+                        capacity=self.gw.batch_capacity * placement.p)
+        ep.instances.append(inst)
+        self.instances[iid] = inst
+        log.info("instance %s: p=%d on %s (%s%s)", iid, placement.p,
+                 ",".join(s.node for s in stages), placement.policy,
+                 ", from cache" if placement.from_cache else "")
+        return inst
+
+    # -- starting ----------------------------------------------------------------------------------
+    async def _layout(self, ep: Endpoint, p: int) -> list[tuple[int, int]]:
+        if p not in ep.layouts:
+            url = f"{self.cluster.store_url()}/models/{ep.name}/layout?p={p}"
+            async with self.session.get(url) as resp:
+                body = await resp.json()
+                if resp.status != 200:
+                    raise RuntimeError(f"store layout: {body.get('error', resp.status)}")
+            ep.layouts[p] = [tuple(s["layers"]) for s in body["stages"]]
+        return ep.layouts[p]
+
+    async def _post(self, url: str, path: str, body: dict | None = None) -> dict:
+        async with self.session.post(url + path, json=body or {}) as resp:
+            out = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise RuntimeError(f"POST {path}: {resp.status} {out.get('error', out)}")
+            return out
+
+    async def _get(self, url: str, path: str) -> dict:
+        async with self.session.get(url + path) as resp:
+            return await resp.json(content_type=None)
+
+    async def _start_instance(self, ep: Endpoint, inst: Instance) -> None:
+        loop = asyncio.get_running_loop()
+        p = inst.placement.p
+        try:
+            layers = await self._layout(ep, p)
+            for s in inst.stages:
+                s.layers = layers[s.rank]
+            if self.preset.prefetch:
+                inst.mark("prefetch_started")
+                kind = "full" if p == 1 else "stage"
+                await asyncio.gather(*(self._post(self.cluster.agent_url(s.node), "/prefetch", {
+                    "model": ep.name, "kind": kind, "p": p, "rank": s.rank})
+                    for s in inst.stages))
+            for s in inst.stages:
+                spec = WorkerSpec(worker_id=s.worker_id, model=ep.name, node=s.node, rank=s.rank,
+                                  p=p, layers=s.layers, all_card=s.all_card,
+                                  num_kv_blocks=ep.num_kv_blocks, device=self.cluster_cfg.device,
+                                  max_model_len=self.gw.max_model_len,
+                                  late_attach=not self.preset.prefetch,
+                                  streaming_load=self.preset.streaming_load)
+                await loop.run_in_executor(None, self.cluster.start_worker, spec)
+            inst.mark("workers_spawned")
+            urls = await asyncio.gather(*(loop.run_in_executor(
+                None, self.cluster.wait_worker, s.worker_id, 180.0) for s in inst.stages))
+            for s, url in zip(inst.stages, urls):
+                s.url = url
+            healths = await asyncio.gather(*(self._get(s.url, "/health") for s in inst.stages))
+            peers = [{"rank": s.rank, "host": "127.0.0.1", "stage_port": h["stage_port"]}
+                     for s, h in zip(inst.stages, healths)]
+            await asyncio.gather(*(self._post(s.url, "/init", {"peers": peers})
+                                   for s in inst.stages))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the instance failed to start; requests wait on
+            log.error("instance %s failed to start: %s", inst.id, e)
+            inst.error = str(e)
+            await self._stop_instance(inst, InstanceState.FAILED)
+            return
+        inst.state = InstanceState.READY
+        inst.last_used = time.monotonic()
+        inst.mark("ready")
+        self.wake()
+        self._spawn(self._watch_fetches(inst))
+        if inst.placement.consolidate:
+            self._spawn(self._consolidate(ep, inst))
+
+    async def _watch_fetches(self, inst: Instance) -> None:
+        """Release each stage's NIC booking once its worker has all its weights."""
+        pending = [s for s in inst.stages if s.fetch is not None]
+        while pending and inst.state is InstanceState.READY:
+            for s in list(pending):
+                try:
+                    h = await self._get(s.url, "/health")
+                except aiohttp.ClientError:
+                    h = {"timeline": {"weights_ready": True}}
+                if "weights_ready" in h.get("timeline", {}):
+                    self._release_fetch(s)
+                    pending.remove(s)
+            await asyncio.sleep(0.1)
+        inst.mark("weights_ready")
+
+    def _release_fetch(self, stage: Stage) -> None:
+        """Drop a stage's NIC booking (the ledger may have completed it already)."""
+        fetch, stage.fetch = stage.fetch, None
+        if fetch is not None and any(f.id == fetch.id for f in self.nics.active(fetch.node)):
+            self.nics.finish(fetch)
+
+    # -- consolidation ---------------------------------------------------------------------------
+    async def _consolidate(self, ep: Endpoint, inst: Instance) -> None:
+        """Merge a pipeline: all-card stages take the whole model, the head migrates the KV of
+        its running requests; part-card GPUs are then freed and other all-card stages become
+        standalone instances."""
+        all_card = [s for s in inst.stages if s.all_card]
+        # the rest of the model is fetched with the node's NIC to itself (PAPER.md 5): wait
+        # until each all-card node is free of other fetches, then book it exclusively
+        rest_gbits = ep.size_gb * 8 * (inst.placement.p - 1) / inst.placement.p
+        booked = []
+        for s in all_card:
+            while inst.state is InstanceState.READY:
+                self.nics.advance(time.monotonic())
+                fetch = self.nics.exclusive(s.node, rest_gbits, time.monotonic())
+                if fetch is not None:
+                    booked.append(Stage(s.rank, s.node, True, s.claim, s.worker_id, fetch=fetch))
+                    break
+                await asyncio.sleep(0.1)
+        if inst.state is not InstanceState.READY:
+            for b in booked:
+                self._release_fetch(b)
+            return
+        inst.mark("consolidation_started")
+        try:
+            await asyncio.gather(*(self._post(s.url, "/consolidate") for s in all_card))
+            for s in all_card:
+                while True:
+                    h = await self._get(s.url, "/health")
+                    if h.get("standalone"):
+                        break
+                    if h.get("state") == "failed" or h.get("error"):
+                        raise RuntimeError(h.get("error") or "stage failed")
+                    await asyncio.sleep(0.05)
+        except Exception as e:  # noqa: BLE001 - the pipeline keeps serving as it is
+            log.warning("instance %s: consolidation failed (%s); it stays a pipeline", inst.id, e)
+            for b in booked:
+                self._release_fetch(b)
+            return
+        loop = asyncio.get_running_loop()
+        for b in booked:
+            self._release_fetch(b)
+        head, others = inst.stages[0], [s for s in inst.stages[1:]]
+        for s in others:
+            self._release_fetch(s)
+            if not s.all_card:
+                await loop.run_in_executor(None, self.cluster.stop_worker, s.worker_id)
+                self.gpus.release(s.claim)
+        inst.stages = [head]
+        inst.capacity = self.gw.batch_capacity
+        inst.consolidated = True
+        inst.mark("consolidated")
+        for s in others:
+            if s.all_card:  # a standalone worker of its own now
+                iid = f"{ep.name}-{next(self._ids)}"
+                solo = Instance(iid, ep.name, inst.placement, [Stage(0, s.node, True, s.claim,
+                                                                      s.worker_id, s.layers, s.url)],
+                                capacity=self.gw.batch_capacity, state=InstanceState.READY,
+                                consolidated=True)
+                solo.mark("ready")
+                ep.instances.append(solo)
+                self.instances[iid] = solo
+        log.info("instance %s consolidated into %s", inst.id, head.node)
+        self.wake()
+
+    # -- serving -----------------------------------------------------------------------------------
+    def _dispatch(self, inst: Instance, req: Request) -> None:
+        inst.active += 1
+        req.instance = inst.id
+        req.task = self._spawn(self._serve(inst, req))
+
+    async def _serve(self, inst: Instance, req: Request) -> None:
+        body = {"prompt_ids": req.prompt_ids, **req.params}
+        ended = False
+        try:
+            async with self.session.post(inst.head.url + "/generate", json=body) as resp:
+                if resp.status != 200:
+                    text = await resp.json(content_type=None)
+                    status = 400 if resp.status == 400 else 503
+                    req.events.put_nowait({"error": text.get("error", str(resp.status)),
+                                           "status": status})
+                    ended = True
+                    if resp.status != 400:
+                        raise RuntimeError(text.get("error", resp.status))
+                    return
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    now = time.monotonic()
+                    if "error" in item:
+                        req.events.put_nowait({"error": item["error"], "status": 500})
+                        ended = True
+                        raise RuntimeError(item["error"])
+                    if req.first_token is None:
+                        req.first_token = now
+                        inst.mark("first_token")
+                    req.events.put_nowait(item)
+                    if item.get("finish_reason"):
+                        ended = True
+                        return
+            if not ended:
+                raise RuntimeError("the worker closed the stream early")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken instance: fail it, tell the client
+            if not ended:
+                req.events.put_nowait({"error": f"instance {inst.id} failed: {e}", "status": 500})
+            if inst.state is InstanceState.READY:
+                inst.error = str(e)
+                log.error("instance %s failed while serving: %s", inst.id, e)
+                self._spawn(self._stop_instance(inst, InstanceState.FAILED))
+        finally:
+            inst.active -= 1
+            inst.last_used = time.monotonic()
+            self.wake()
+
+    # -- stopping ----------------------------------------------------------------------------------
+    async def _stop_instance(self, inst: Instance, final: InstanceState) -> None:
+        if inst.state in (InstanceState.STOPPING, InstanceState.STOPPED):
+            return
+        inst.state = InstanceState.STOPPING
+        loop = asyncio.get_running_loop()
+        for s in inst.stages:
+            if s.url:
+                try:
+                    await asyncio.wait_for(self._post(s.url, "/stop"), 5)
+                except Exception:  # noqa: BLE001 - it may be dead already; stop_worker kills
+                    pass
+            await loop.run_in_executor(None, self.cluster.stop_worker, s.worker_id)
+            self._release_fetch(s)
+            self.gpus.release(s.claim)
+        inst.state = final
+        ep = self.endpoints.get(inst.model)
+        if ep is not None and inst in ep.instances:
+            ep.instances.remove(inst)
+        self.instances.pop(inst.id, None)
+        log.info("instance %s %s", inst.id, final.value)
+        if self.preset.cache:
+            await self._refresh_cache()
+        self.wake()
+
+    async def _refresh_cache(self) -> None:
+        for s in self.cluster_cfg.servers:
+            try:
+                held = await self._get(self.cluster.agent_url(s.name), "/cache")
+                self.cached[s.name] = set(held.get("models", ()))
+            except aiohttp.ClientError:
+                pass
+
+    def describe(self) -> dict:
+        return {"exec_type": self.gw.exec_type,
+                "models": {n: {"queued": len(ep.queue), "cold_starts": ep.cold_starts,
+                               "size_gb": round(ep.size_gb, 3),
+                               "instances": [i.id for i in ep.instances]}
+                           for n, ep in self.endpoints.items()}}

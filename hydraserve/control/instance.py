@@ -1,0 +1,87 @@
+"""Requests and instances as the control plane tracks them."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+from hydraserve.control.gpu import Claim
+from hydraserve.control.network import Fetch
+from hydraserve.control.snapshot import Placement
+
+
+class InstanceState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class Request:
+    """One generation request. ``events`` receives {"token_id", "finish_reason"} dicts, or
+    one {"error", "status"}; the gateway reads them."""
+
+    id: str
+    model: str
+    prompt_ids: list[int]
+    params: dict  # the worker's /generate fields besides prompt_ids
+    arrival: float = field(default_factory=time.monotonic)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    instance: str | None = None
+    task: asyncio.Task | None = None
+    first_token: float | None = None
+
+
+@dataclass
+class Stage:
+    rank: int
+    node: str
+    all_card: bool
+    claim: Claim
+    worker_id: str
+    layers: tuple[int, int] = (0, 0)
+    url: str | None = None
+    fetch: Fetch | None = None
+
+
+@dataclass
+class Instance:
+    id: str
+    model: str
+    placement: Placement
+    stages: list[Stage]
+    capacity: int
+    state: InstanceState = InstanceState.STARTING
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    active: int = 0
+    consolidated: bool = False
+    timeline: dict[str, float] = field(default_factory=dict)  # seconds since created
+    error: str | None = None
+
+    @property
+    def head(self) -> Stage:
+        return self.stages[0]
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.capacity - self.active) if self.state is InstanceState.READY else 0
+
+    def mark(self, event: str) -> None:
+        self.timeline.setdefault(event, round(time.monotonic() - self.created, 4))
+
+    def describe(self) -> dict:
+        return {"id": self.id, "model": self.model, "state": self.state.value,
+                "p": len(self.stages), "capacity": self.capacity, "active": self.active,
+                "consolidated": self.consolidated, "policy": self.placement.policy,
+                "predicted_ttft_ms": self.placement.predicted_ttft_ms,
+                "from_cache": self.placement.from_cache, "error": self.error,
+                "stages": [{"rank": s.rank, "node": s.node, "gpu": s.claim.gpu,
+                            "reserved_gb": s.claim.gb, "all_card": s.all_card,
+                            "layers": list(s.layers), "worker": s.worker_id, "url": s.url}
+                           for s in self.stages],
+                "timeline": self.timeline}

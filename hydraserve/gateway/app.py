@@ -1,0 +1,278 @@
+"""The gateway application (FastAPI): OpenAI API, admin API, health and metrics.
+
+  GET  /v1/models                       POST /v1/completions     POST /v1/chat/completions
+  GET  /health                          GET  /metrics
+  GET  /admin/models   POST /admin/models   DELETE /admin/models/{name}   GET /admin/instances
+       (admin routes need "Authorization: Bearer TOKEN" when an admin token is configured)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from hydraserve.config import ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry
+from hydraserve.control.controller import Controller, QueueFull
+from hydraserve.control.instance import Request
+from hydraserve.control.presets import preset
+from hydraserve.engine.config import ModelLoadError
+from hydraserve.gateway.detok import Detokenizer
+from hydraserve.gateway.metrics import Metrics
+from hydraserve.gateway.openai_api import (ERROR_TYPES, ChatBody, CompletionBody, Shaper, error,
+                                           sse)
+from hydraserve.tokenizer import Tokenizer
+
+log = logging.getLogger("hydraserve.gateway")
+
+
+class Gateway:
+    """Owns the controller, the tokenizers and the metrics of one serving endpoint."""
+
+    def __init__(self, gw: GatewayConfig, cluster_cfg: ClusterConfig, cluster,
+                 models: list[ModelConfigEntry]):
+        self.gw, self.cluster_cfg, self.cluster = gw, cluster_cfg, cluster
+        self.preset = preset(gw.exec_type)
+        self.initial_models = models
+        self.controller = Controller(cluster, cluster_cfg, gw, self.preset)
+        self.metrics = Metrics(self.controller)
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self.created: dict[str, int] = {}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.cluster.start)
+        await self.controller.start()
+        for m in self.initial_models:
+            await self.register(m)
+
+    async def close(self) -> None:
+        await self.controller.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
+
+    async def register(self, entry: ModelConfigEntry) -> None:
+        self.tokenizers[entry.name] = Tokenizer.from_dir(entry.path)
+        self.controller.register(entry)
+        self.created[entry.name] = int(time.time())
+        if self.preset.warm_cache:
+            await self.controller.warm_cache(entry.name)
+
+
+def _openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return error(status, message, ERROR_TYPES.get(status, "server_error"), param)
+
+
+def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    gw = gateway.gw
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await gateway.start()
+        if on_ready:
+            on_ready()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="HydraServe", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg = "the request body is not valid JSON"
+        return _openai_error(400, f"{msg}" + (f" ({where})" if where else ""), where)
+
+    def admin_ok(request: HTTPRequest) -> bool:
+        if not gw.admin_token:
+            return True
+        auth = request.headers.get("authorization", "")
+        return secrets.compare_digest(auth, f"Bearer {gw.admin_token}")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"ok": True, "exec_type": gw.exec_type, "models": list(gateway.tokenizers)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": gateway.created.get(n, 0),
+             "owned_by": "hydraserve"} for n in gateway.controller.endpoints]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: HTTPRequest):
+        return await generate(body, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: HTTPRequest):
+        return await generate(body, request, chat=True)
+
+    async def generate(body, http: HTTPRequest, chat: bool):
+        tok = gateway.tokenizers.get(body.model)
+        if tok is None or body.model not in gateway.controller.endpoints:
+            return _openai_error(404, f"the model {body.model!r} does not exist", "model")
+        if getattr(body, "logprobs", None):
+            return _openai_error(400, "logprobs are not supported", "logprobs")
+        if chat:
+            try:
+                text = tok.apply_chat_template([{"role": m.role, "content": m.text()}
+                                                for m in body.messages])
+            except Exception as e:  # noqa: BLE001 - a template error is the caller's input
+                return _openai_error(400, f"chat template failed: {e}", "messages")
+            prompt = tok.encode(text, add_special_tokens=False)
+        elif isinstance(body.prompt, str):
+            prompt = tok.encode(body.prompt)
+        else:
+            prompt = list(body.prompt)
+            if any(t < 0 or t >= tok.vocab_size for t in prompt):
+                return _openai_error(400, "prompt token ids are outside the vocabulary", "prompt")
+        if not prompt:
+            return _openai_error(400, "the prompt is empty", "prompt")
+        room = gw.max_model_len - len(prompt)
+        if room < 1:
+            return _openai_error(400, f"the prompt has {len(prompt)} tokens; this model's "
+                                 f"context is {gw.max_model_len}", "messages" if chat else "prompt")
+        asked = (getattr(body, "max_completion_tokens", None) or body.max_tokens
+                 or (gw.max_new_tokens if chat else 16))
+        max_tokens = min(asked, room, gw.max_new_tokens)
+        params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                  "seed": body.seed}
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        req = Request(rid, body.model, prompt, params)
+        try:
+            gateway.controller.submit(req)
+        except QueueFull as e:
+            return _openai_error(429, f"too many requests queued: {e}")
+        shaper = Shaper(chat, rid, body.model)
+        detok = Detokenizer(tok, body.stop_list())
+        events = _events(req, detok, gateway, body.model)
+        if body.stream:
+            return StreamingResponse(_stream(events, shaper, len(prompt), body.include_usage(),
+                                             req, gateway),
+                                     media_type="text/event-stream")
+        text, finish, n = "", "length", 0
+        try:
+            async for delta, reason, count, err in events:
+                if err:
+                    status = err.get("status", 500)
+                    return _openai_error(status if status in ERROR_TYPES else 500, err["error"])
+                text += delta
+                finish, n = reason or finish, count
+        except asyncio.CancelledError:  # the client went away
+            gateway.controller.cancel(req)
+            raise
+        return shaper.whole(text, finish, len(prompt), n)
+
+    @app.get("/admin/models")
+    async def admin_models(request: HTTPRequest):
+        if not admin_ok(request):
+            return _openai_error(401, "admin token required")
+        return {"models": [{**asdict(ep.entry), "size_gb": ep.size_gb}
+                           for ep in gateway.controller.endpoints.values()]}
+
+    @app.post("/admin/models")
+    async def admin_register(request: HTTPRequest):
+        if not admin_ok(request):
+            return _openai_error(401, "admin token required")
+        try:
+            d = await request.json()
+            entry = ModelConfigEntry(name=str(d["name"]), path=str(d["path"]),
+                                     ttft_slo_s=float(d.get("ttft_slo_s", 7.5)),
+                                     tpot_slo_ms=d.get("tpot_slo_ms"),
+                                     profiled_tpot_ms=d.get("profiled_tpot_ms"))
+            from hydraserve.config import NAME
+            if not NAME.match(entry.name):
+                raise ConfigError(f"model name must match {NAME.pattern}")
+            await gateway.register(entry)
+        except (ValueError, KeyError, TypeError, ConfigError, ModelLoadError) as e:
+            return _openai_error(400, f"cannot register the model: {e}")
+        return {"registered": entry.name}
+
+    @app.delete("/admin/models/{name}")
+    async def admin_remove(name: str, request: HTTPRequest):
+        if not admin_ok(request):
+            return _openai_error(401, "admin token required")
+        if name not in gateway.controller.endpoints:
+            return _openai_error(404, f"the model {name!r} does not exist")
+        await gateway.controller.unregister(name)
+        gateway.tokenizers.pop(name, None)
+        return {"removed": name}
+
+    @app.get("/admin/instances")
+    async def admin_instances(request: HTTPRequest):
+        if not admin_ok(request):
+            return _openai_error(401, "admin token required")
+        return {"instances": [i.describe() for i in gateway.controller.instances.values()],
+                **gateway.controller.describe()}
+
+    return app
+
+
+async def _events(req: Request, detok: Detokenizer, gateway: Gateway,
+                  model: str) -> AsyncIterator[tuple[str, str | None, int, dict | None]]:
+    """(text delta, finish reason, tokens so far, error) per worker event; stops at the end."""
+    n, last = 0, None
+    while True:
+        item = await req.events.get()
+        if "error" in item:
+            gateway.metrics.requests.labels(model, "error").inc()
+            yield "", None, n, item
+            return
+        now = time.monotonic()
+        if n == 0:
+            gateway.metrics.ttft.labels(model).observe(now - req.arrival)
+        elif last is not None:
+            gateway.metrics.tpot.labels(model).observe(now - last)
+        last = now
+        n += 1
+        delta = detok.push(item["token_id"])
+        reason = item.get("finish_reason")
+        if detok.stopped:
+            gateway.controller.cancel(req)
+            reason = "stop"
+        elif reason:
+            delta += detok.flush()
+        if reason:
+            gateway.metrics.requests.labels(model, "ok").inc()
+            yield delta, reason, n, None
+            return
+        yield delta, None, n, None
+
+
+async def _stream(events, shaper: Shaper, prompt_len: int, include_usage: bool, req: Request,
+                  gateway: Gateway) -> AsyncIterator[bytes]:
+    first, n, done = True, 0, False
+    try:
+        async for delta, reason, count, err in events:
+            if err:
+                yield sse({"error": {"message": err["error"], "type": "server_error",
+                                     "code": err.get("status", 500)}})
+                return
+            n = count
+            if shaper.chat and first:
+                yield sse(shaper.chunk("", None, first=True))
+            first = False
+            if delta or reason:
+                yield sse(shaper.chunk(delta, reason))
+            if reason:
+                done = True
+        if include_usage:
+            yield sse(shaper.usage_chunk(prompt_len, n))
+        yield sse("[DONE]")
+    finally:
+        if not done:
+            gateway.controller.cancel(req)
