@@ -19,6 +19,9 @@ setup(
         "jinja2>=3.1",
         "pyyaml>=6.0",
         "aiohttp>=3.9",
+        "fastapi>=0.110",
+        "uvicorn>=0.30",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": [
@@ -26,6 +29,7 @@ setup(
             # Reference implementation for correctness tests only; the range is one the real
             # vLLM for CPU also accepts, so one environment can hold both.
             "transformers>=5.16.1,<5.20",
+            "openai>=1.30",
         ],
     },
     entry_points={"console_scripts": ["hydraserve=hydraserve.cli:main"]},

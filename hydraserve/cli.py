@@ -300,6 +300,7 @@ def _demo_model() -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import socket
 
     import uvicorn
@@ -334,7 +335,12 @@ print(c.completions.create(model='{name}', prompt='def main():', max_tokens=32).
 
     gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir), models)
     config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
+    # signal to the handler it found: make that a no-op so a clean stop exits with status 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
+    log.info("gateway stopped; every worker, agent and the store were shut down")
     return 0
 
 

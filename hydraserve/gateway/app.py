@@ -150,7 +150,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
                  or (gw.max_new_tokens if chat else 16))
         max_tokens = min(asked, room, gw.max_new_tokens)
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                  "seed": body.seed}
+                  "seed": body.seed, "ignore_eos": body.ignore_eos}
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         req = Request(rid, body.model, prompt, params)
         try:

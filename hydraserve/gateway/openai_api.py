@@ -22,6 +22,7 @@ class _Body(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens tokens
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

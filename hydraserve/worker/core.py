@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import queue
 import socket
 import threading
@@ -460,7 +461,8 @@ class Worker:
         r = self.runner
         s = self.scheduler
         return {
-            "worker_id": self.cfg.worker_id, "model": self.cfg.model, "rank": self.cfg.rank,
+            "worker_id": self.cfg.worker_id, "pid": os.getpid(), "model": self.cfg.model,
+            "rank": self.cfg.rank,
             "p": self.cfg.p, "layers": list(self.cfg.layers), "all_card": self.cfg.all_card,
             "state": self.state.value, "error": self.error, "stage_port": self.stage_port,
             "connected": self.connected, "standalone": self.standalone,
