@@ -3,11 +3,11 @@ TORCH ?= torch==2.13.0
 PYTHON ?= python
 DEMO_MODEL ?= .cache/demo-model
 
-.PHONY: install install-test demo test test-all bench
+.PHONY: install install-test serve demo test bench
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m pip install -q -e ".[client]"
 
 install-test:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -16,6 +16,11 @@ install-test:
 $(DEMO_MODEL)/config.json:
 	hydraserve make-model $(DEMO_MODEL) --arch llama --hidden 256 --layers 8 --vocab 4096
 
+# The main job: the gateway and a local cluster of 4 emulated servers, serving a demo model.
+serve: install
+	hydraserve serve
+
+# One completion from the engine alone, on two in-process pipeline stages.
 demo: install $(DEMO_MODEL)/config.json
 	hydraserve generate --model $(DEMO_MODEL) --chat --prompt "Tell me about serverless inference." \
 		--max-tokens 32 --pipeline 2
@@ -26,3 +31,6 @@ test: install-test
 
 bench:
 	$(PYTHON) benchmarks/engine.py
+	$(PYTHON) benchmarks/fetch.py
+	$(PYTHON) benchmarks/pipeline.py
+	$(PYTHON) benchmarks/coldstart.py

@@ -24,6 +24,7 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
+        "client": ["openai>=1.30"],  # the examples `hydraserve serve` prints
         "test": [
             "pytest>=8",
             # Reference implementation for correctness tests only; the range is one the real

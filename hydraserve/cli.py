@@ -274,6 +274,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    choices=["serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
                             "hydraserve_with_single_worker", "hydraserve", "hydraserve_with_cache"],
                    help="execution type preset (default: hydraserve)")
+    p.add_argument("--static-p", type=int, default=None, metavar="P",
+                   help="place every cold start as static(P) instead of the preset's policy "
+                        "(the paper's cold-start experiment ran HydraServe with P = 4)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
     p.add_argument("--keep-alive", type=float, default=30.0,
@@ -310,13 +313,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                    load_cluster, load_models)
     from hydraserve.gateway.app import Gateway, create_app
 
+    from hydraserve.control.presets import preset
+
     cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
+    cluster_cfg = cluster_cfg.with_host_cache(preset(args.exec_type).cache)
     models = load_models(args.models) if args.models else [
         ModelConfigEntry(name="demo", path=_demo_model(), ttft_slo_s=7.5)]
     gw = GatewayConfig(host=args.host, port=args.port, exec_type=args.exec_type,
                        keep_alive_s=args.keep_alive, max_queue=args.max_queue,
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
-                       kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir)
+                       kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,
+                       static_p=args.static_p)
     sock = socket.create_server((args.host, args.port))
     port = sock.getsockname()[1]
     url = f"http://{args.host}:{port}"

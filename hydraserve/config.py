@@ -22,6 +22,7 @@ and the gateway's settings, which come from ``hydraserve serve`` flags.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,14 @@ class ClusterConfig:
     egress_gbps: float | None = None
     scale: ScaleConfig = ScaleConfig()
 
+    def with_host_cache(self, enabled: bool) -> "ClusterConfig":
+        """This cluster with the servers' host-memory model caches on, or all set to 0 (an
+        execution type without a cache must not find models left in host memory)."""
+        if enabled:
+            return self
+        return dataclasses.replace(self, servers=tuple(dataclasses.replace(s, cache_gb=0.0)
+                                                       for s in self.servers))
+
     def server(self, name: str) -> ServerConfig:
         for s in self.servers:
             if s.name == name:
@@ -85,6 +94,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     exec_type: str = "hydraserve"
+    static_p: int | None = None  # force `static(p)` placement (the paper's cold-start runs)
     keep_alive_s: float = 30.0
     batch_capacity: int = 8  # requests per instance (8p for a p-stage pipeline)
     max_queue: int = 1024  # queued requests per model before 429

@@ -157,6 +157,7 @@ class Controller:
 
     # -- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
+        last_cache_check = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=0.1)
@@ -164,6 +165,9 @@ class Controller:
                 pass
             self._wake.clear()
             now = time.monotonic()
+            if self.preset.cache and now - last_cache_check > 1.0:
+                last_cache_check = now  # what the agents hold changes behind our back (LRU)
+                self._spawn(self._refresh_cache())
             self.nics.advance(now)
             for ep in list(self.endpoints.values()):
                 try:
@@ -489,6 +493,7 @@ class Controller:
 
     def describe(self) -> dict:
         return {"exec_type": self.gw.exec_type,
+                "agents": {s.name: self.cluster.agent_url(s.name) for s in self.cluster_cfg.servers},
                 "models": {n: {"queued": len(ep.queue), "cold_starts": ep.cold_starts,
                                "size_gb": round(ep.size_gb, 3),
                                "instances": [i.id for i in ep.instances]}

@@ -76,7 +76,8 @@ class Instance:
 
     def describe(self) -> dict:
         return {"id": self.id, "model": self.model, "state": self.state.value,
-                "p": len(self.stages), "capacity": self.capacity, "active": self.active,
+                "p": len(self.stages), "placement_p": self.placement.p,
+                "capacity": self.capacity, "active": self.active,
                 "consolidated": self.consolidated, "policy": self.placement.policy,
                 "predicted_ttft_ms": self.placement.predicted_ttft_ms,
                 "from_cache": self.placement.from_cache, "error": self.error,

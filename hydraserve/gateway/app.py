@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from hydraserve.config import ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry
 from hydraserve.control.controller import Controller, QueueFull
 from hydraserve.control.instance import Request
+from hydraserve.control.placement import PolicyName
 from hydraserve.control.presets import preset
 from hydraserve.engine.config import ModelLoadError
 from hydraserve.gateway.detok import Detokenizer
@@ -40,6 +42,9 @@ class Gateway:
                  models: list[ModelConfigEntry]):
         self.gw, self.cluster_cfg, self.cluster = gw, cluster_cfg, cluster
         self.preset = preset(gw.exec_type)
+        if gw.static_p:
+            self.preset = dataclasses.replace(self.preset, policy=PolicyName.STATIC,
+                                              static_p=gw.static_p, max_p=gw.static_p)
         self.initial_models = models
         self.controller = Controller(cluster, cluster_cfg, gw, self.preset)
         self.metrics = Metrics(self.controller)

@@ -1,0 +1,160 @@
+"""Cold-start benchmark: TTFT of a cold request for every execution type on a local cluster whose
+emulated NICs make the fetch dominate, beside the fetch floor S / (p B); and the time the gateway
+adds to a warm request.
+
+    python benchmarks/coldstart.py [--trials 3] [--exec-types a,b,...] [--json]
+
+Each execution type gets its own `hydraserve serve` (4 servers of the paper's A10 scaled by
+1/100: one 24 GB GPU and a 16 Gbps NIC each, really 0.16 Gbps; the ~128 MB demo model counts as
+12.8 GB; TTFT SLO 7.5 s). A trial waits until the model has scaled to zero, then times one
+streamed request from sending to its first token. TTFT = median of the trials.
+`hydraserve:static4` is HydraServe placed as static(4), as in the paper's cold-start experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydraserve.httpjson import call, stream  # noqa: E402
+from hydraserve.store.launch import ServerProcess  # noqa: E402
+
+EXEC_TYPES = ["serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
+              "hydraserve_with_single_worker", "hydraserve", "hydraserve_with_cache",
+              "hydraserve:static4"]
+NIC_GBPS = 16.0
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _instances(url: str) -> list[dict]:
+    return _get(url + "/admin/instances")["instances"]
+
+
+def _evict_host_caches(url: str) -> None:
+    """ServerlessLLM without a cached model: every trial starts with empty host caches."""
+    for agent in _get(url + "/admin/instances")["agents"].values():
+        for r in call(agent, "GET", "/regions")["regions"]:
+            if r["cached"] and not r["readers"]:
+                call(agent, "DELETE", f"/regions/{r['id']}")
+
+
+def cold_ttft(url: str, client, evict: bool) -> tuple[float, dict]:
+    deadline = time.monotonic() + 120
+    while _instances(url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if evict:
+        _evict_host_caches(url)
+    t0 = time.perf_counter()
+    chunks = client.completions.create(model="demo", prompt="def main():", max_tokens=2,
+                                       stream=True, temperature=0)
+    ttft = None
+    for chunk in chunks:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - t0
+    inst = max(_instances(url), key=lambda i: i["id"])
+    return ttft, inst
+
+
+def warm_overhead(url: str, n: int = 30) -> float:
+    """Median time the gateway adds to a warm 1-token request, ms: the same request through
+    POST /v1/completions and straight to the instance head's /generate, interleaved, both over
+    plain HTTP (http.client), so client libraries do not count."""
+    import http.client
+
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "demo", "prompt": [10, 11, 12], "max_tokens": 1}).encode()
+
+    def via() -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("POST", "/v1/completions", body=body,
+                  headers={"Content-Type": "application/json"})
+        c.getresponse().read()
+        c.close()
+
+    via()
+    head = next(i for i in _instances(url) if i["state"] == "ready")["stages"][0]["url"]
+    diffs = []
+    for _ in range(n):
+        t = time.perf_counter()
+        via()
+        t_via = time.perf_counter() - t
+        t = time.perf_counter()
+        list(stream(head, "/generate", {"prompt_ids": [10, 11, 12], "max_tokens": 1}))
+        diffs.append(t_via - (time.perf_counter() - t))
+    return statistics.median(diffs) * 1000
+
+
+def main() -> None:
+    import openai
+
+    from hydraserve.cli import _demo_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--exec-types", default=",".join(EXEC_TYPES))
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = ap.parse_args()
+    model = _demo_model()
+    size_gb = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 100 / 1e9
+    res: dict = {}
+    overhead = None
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = {"device": "cpu", "scale": {"size_scale": 100, "after_fetch_ms": 2000},
+                   "servers": [{"name": f"a10-{i}", "gpus": [24], "nic_gbps": NIC_GBPS,
+                                "cache_gb": 32} for i in range(4)]}
+        models = {"models": [{"name": "demo", "path": model, "ttft_slo_s": 7.5}]}
+        Path(tmp, "cluster.yaml").write_text(yaml.safe_dump(cluster))
+        Path(tmp, "models.yaml").write_text(yaml.safe_dump(models))
+        for et in args.exec_types.split(","):
+            name, _, variant = et.partition(":")
+            extra = ["--static-p", variant.removeprefix("static")] if variant else []
+            gw = ServerProcess(["serve", "--cluster", f"{tmp}/cluster.yaml", "--models",
+                                f"{tmp}/models.yaml", "--exec-type", name, "--port", "0",
+                                "--keep-alive", "1", *extra], Path(tmp) / f"{name}.log",
+                               timeout=300)
+            try:
+                client = openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0,
+                                       timeout=300)
+                trials = [cold_ttft(gw.url, client, evict=name == "serverlessllm")
+                          for _ in range(args.trials)]
+                p = trials[-1][1]["placement_p"]
+                cached = name == "serverlessllm_with_cached_model"  # no fetch at all
+                res[et] = {"ttft_s": statistics.median(t[0] for t in trials),
+                           "trials": [round(t[0], 3) for t in trials], "p": p,
+                           "floor_s": 0.0 if cached else size_gb * 8 / (p * NIC_GBPS)}
+                if et == "hydraserve":
+                    overhead = warm_overhead(gw.url)
+            finally:
+                gw.stop()
+            print(f"{et}: {res[et]}", file=sys.stderr)
+    print(f"\ndemo model {size_gb:.1f} GB (paper units), NIC {NIC_GBPS} Gbps per server, "
+          f"TTFT SLO 7.5 s; median of {args.trials} cold trials\n")
+    print(f"{'execution type':<34}{'p':>3}{'TTFT s':>9}{'floor s':>9}")
+    for et, r in res.items():
+        print(f"{et:<34}{r['p']:>3}{r['ttft_s']:>9.2f}{r['floor_s']:>9.2f}")
+    for h in ("hydraserve", "hydraserve:static4"):
+        if "serverless_vllm" in res and h in res:
+            print(f"{h} vs serverless_vllm: "
+                  f"{res['serverless_vllm']['ttft_s'] / res[h]['ttft_s']:.2f}x faster")
+    if overhead is not None:
+        print(f"gateway overhead on a warm 1-token request: {overhead:.2f} ms (median of 30)")
+    if args.json:
+        print(json.dumps({**res, "gateway_overhead_ms": overhead}))
+
+
+if __name__ == "__main__":
+    main()
