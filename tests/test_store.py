@@ -271,3 +271,28 @@ def test_parse_range():
     for bad in ("bytes=100-", "bytes=5-2", "items=0-1", "bytes=-"):
         with pytest.raises(ValueError):
             parse_range(bad, 100)
+
+
+def test_a_dead_reader_is_released(agent_factory):
+    import subprocess
+    import sys
+
+    agent = agent_factory()
+    code = ("import sys, time; from hydraserve.store.progressive import ProgressiveRegion;"
+            "from hydraserve.store.image import ImageSpec, ImageKind;"
+            f"r = ProgressiveRegion.attach({agent.url!r}, ImageSpec('tiny', ImageKind.STAGE, 2, 0));"
+            "print(r.shm.name, flush=True); time.sleep(60)")
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        name = reader.stdout.readline().strip()
+        assert shm_exists(name)
+        (region,) = agent_call(agent.url, "GET", "/regions")["regions"]
+        assert region["readers"] == 1
+    finally:
+        reader.kill()
+        reader.wait()
+    deadline = time.monotonic() + 5
+    while shm_exists(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not shm_exists(name)
+    assert agent_call(agent.url, "GET", "/regions")["regions"] == []

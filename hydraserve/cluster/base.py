@@ -24,6 +24,7 @@ class WorkerSpec:
     max_model_len: int = 3072
     late_attach: bool = False  # baseline: fetch only once the worker is up
     streaming_load: bool = True  # baseline off: wait for every byte, then load
+    gpu_memory_gb: float | None = None  # the claim, in real GB (enforced on CUDA)
 
 
 class ClusterBackend(Protocol):
@@ -32,6 +33,8 @@ class ClusterBackend(Protocol):
     def store_url(self) -> str: ...
 
     def agent_url(self, node: str) -> str: ...
+
+    def agent_urls(self) -> dict[str, str]: ...
 
     def register_model(self, name: str, path: str) -> None: ...
 

@@ -55,6 +55,9 @@ class LocalCluster:
     def agent_url(self, node: str) -> str:
         return self._agents[node].url
 
+    def agent_urls(self) -> dict[str, str]:
+        return {name: a.url for name, a in self._agents.items()}
+
     def register_model(self, name: str, path: str) -> None:
         link = self.root / name
         if link.is_symlink() or link.exists():
@@ -78,6 +81,8 @@ class LocalCluster:
             args.append("--late-attach")
         if not spec.streaming_load:
             args.append("--no-streaming-load")
+        if spec.gpu_memory_gb:
+            args += ["--gpu-memory-gb", str(spec.gpu_memory_gb)]
         proc = ServerProcess(args, self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
         with self._lock:
             self._workers[spec.worker_id] = proc

@@ -294,7 +294,8 @@ class Controller:
                                   num_kv_blocks=ep.num_kv_blocks, device=self.cluster_cfg.device,
                                   max_model_len=self.gw.max_model_len,
                                   late_attach=not self.preset.prefetch,
-                                  streaming_load=self.preset.streaming_load)
+                                  streaming_load=self.preset.streaming_load,
+                                  gpu_memory_gb=s.claim.gb / self.cluster_cfg.scale.size_scale)
                 await loop.run_in_executor(None, self.cluster.start_worker, spec)
             inst.mark("workers_spawned")
             urls = await asyncio.gather(*(loop.run_in_executor(
@@ -493,7 +494,7 @@ class Controller:
 
     def describe(self) -> dict:
         return {"exec_type": self.gw.exec_type,
-                "agents": {s.name: self.cluster.agent_url(s.name) for s in self.cluster_cfg.servers},
+                "agents": self.cluster.agent_urls(),
                 "models": {n: {"queued": len(ep.queue), "cold_starts": ep.cold_starts,
                                "size_gb": round(ep.size_gb, 3),
                                "instances": [i.id for i in ep.instances]}

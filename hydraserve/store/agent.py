@@ -10,9 +10,10 @@ cached after their readers leave, LRU within the cache budget. HTTP API:
 
   GET    /health
   POST   /prefetch   {"model", "kind", "p", "rank"}  -> region (idempotent per image)
-  POST   /attach     same body -> region, and counts the caller as a reader
-  POST   /release    {"id"}     -> the caller is done; the region is freed when no reader is left
-                                   (a cached whole model stays, evictable)
+  POST   /attach     same body (+ "pid") -> region, and counts the caller as a reader
+  POST   /release    {"id", "pid"} -> the caller is done; the region is freed when no reader is
+                                   left (a cached whole model stays, evictable); readers whose
+                                   process died are released by the agent itself
   GET    /regions, GET /regions/{id}, DELETE /regions/{id}
   GET    /cache      the models this node holds whole
 
@@ -25,6 +26,7 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import secrets
 import struct
 import time
@@ -63,6 +65,7 @@ class Region:
     shm: shared_memory.SharedMemory
     state: RegionState = RegionState.FETCHING
     readers: int = 0
+    reader_pids: dict[int, int] = field(default_factory=dict)  # pid -> attachments
     cached: bool = False
     error: str | None = None
     received: int = 0
@@ -174,16 +177,41 @@ class Agent:
                 self._free(victim)
         return used + size <= budget
 
-    def attach(self, region: Region) -> Region:
+    def attach(self, region: Region, pid: int | None = None) -> Region:
         region.readers += 1
+        if pid:
+            region.reader_pids[pid] = region.reader_pids.get(pid, 0) + 1
         region.last_used = time.monotonic()
         return region
 
-    def release(self, region: Region) -> None:
-        region.readers = max(0, region.readers - 1)
+    def release(self, region: Region, pid: int | None = None, count: int = 1) -> None:
+        if pid and pid in region.reader_pids:
+            region.reader_pids[pid] -= count
+            if region.reader_pids[pid] <= 0:
+                del region.reader_pids[pid]
+        region.readers = max(0, region.readers - count)
         region.last_used = time.monotonic()
         if region.readers == 0 and not (region.cached and region.state is not RegionState.FAILED):
             self._free(region)
+
+    def reap(self) -> None:
+        """Release what reader processes that died without releasing still held (a killed
+        worker must not keep a region, or its fetch, alive)."""
+        for region in list(self.regions.values()):
+            for pid, count in list(region.reader_pids.items()):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    log.info("node %s: reader %d of %s is gone; releasing", self.cfg.node, pid,
+                             region.spec.key)
+                    self.release(region, pid, count)
+                except PermissionError:
+                    pass  # alive, owned by someone else
+
+    async def reap_forever(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.reap()
 
     def _free(self, region: Region) -> None:
         if region.task and not region.task.done():
@@ -271,10 +299,12 @@ def make_app(cfg: AgentConfig) -> web.Application:
     app = web.Application()
     app["agent"] = agent
 
-    async def on_startup(_: web.Application) -> None:
+    async def on_startup(app: web.Application) -> None:
         await agent.start()
+        app["reaper"] = asyncio.create_task(agent.reap_forever())
 
-    async def on_cleanup(_: web.Application) -> None:
+    async def on_cleanup(app: web.Application) -> None:
+        app["reaper"].cancel()
         await agent.close()
 
     app.on_startup.append(on_startup)
@@ -290,13 +320,17 @@ def make_app(cfg: AgentConfig) -> web.Application:
     async def ordered(request: web.Request, attach: bool) -> web.Response:
         spec = await spec_of(request)
         try:
+            pid = int((await request.json()).get("pid") or 0)
+        except (ValueError, TypeError):
+            return json_error(400, "pid must be an integer")
+        try:
             region = await agent.prefetch(spec)
         except FetchError as e:
             return json_error(e.status, e.args[0])
         except aiohttp.ClientError as e:
             return json_error(502, f"remote store unreachable: {e}")
         if attach:
-            agent.attach(region)
+            agent.attach(region, pid)
         return web.json_response(region.describe())
 
     async def prefetch(request: web.Request) -> web.Response:
@@ -314,11 +348,12 @@ def make_app(cfg: AgentConfig) -> web.Application:
 
     async def release(request: web.Request) -> web.Response:
         try:
-            rid = (await request.json())["id"]
+            body = await request.json()
+            rid, pid = body["id"], int(body.get("pid") or 0)
         except (ValueError, KeyError, TypeError):
-            return json_error(400, 'body must be {"id": REGION}')
+            return json_error(400, 'body must be {"id": REGION[, "pid": PID]}')
         region = region_of(request, rid)
-        agent.release(region)
+        agent.release(region, pid)
         return web.json_response(region.describe())
 
     async def regions(_: web.Request) -> web.Response:

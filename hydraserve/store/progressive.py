@@ -3,6 +3,7 @@ bytes. Standard library only, so a worker can attach and start loading before it
 anything heavy."""
 from __future__ import annotations
 
+import os
 import struct
 import time
 from multiprocessing import resource_tracker, shared_memory
@@ -45,7 +46,7 @@ class ProgressiveRegion:
     @classmethod
     def attach(cls, agent_url: str, spec: ImageSpec) -> "ProgressiveRegion":
         """Order (or join) the fetch of ``spec`` on the agent and attach as a reader."""
-        d = agent_call(agent_url, "POST", "/attach", spec.to_dict())
+        d = agent_call(agent_url, "POST", "/attach", {**spec.to_dict(), "pid": os.getpid()})
         return cls(d["shm"], d["offset"], d["length"], d["id"], agent_url)
 
     def received(self) -> int:
@@ -85,6 +86,7 @@ class ProgressiveRegion:
             pass  # a tensor view is still alive; the mapping goes with the process
         if release and self.agent_url and self.region_id:
             try:
-                agent_call(self.agent_url, "POST", "/release", {"id": self.region_id})
+                agent_call(self.agent_url, "POST", "/release",
+                           {"id": self.region_id, "pid": os.getpid()})
             except RegionError:
                 pass  # the agent is gone; its exit freed the segment

@@ -95,6 +95,8 @@ class Worker:
         self.kv_pending = False
         # consolidation
         self.rest_loaded = threading.Event()
+        self.rest_region: ProgressiveRegion | None = None
+        self._standalone_lock = threading.Lock()
         self.released = threading.Event()
         self.engine_thread: threading.Thread | None = None
 
@@ -348,10 +350,13 @@ class Worker:
             self._become_standalone()
 
     def _become_standalone(self) -> None:
+        with self._standalone_lock:  # reached from the stage thread or the consolidate thread
+            if self.standalone:
+                return
+            self.standalone = True
         self.runner.activate(self.runner.spec)
         self.scheduler = Scheduler(self.cfg.engine, self.runner.kv.num_blocks,
                                    self.runner.model.max_len, self.runner.model_cfg.eos_token_ids)
-        self.standalone = True
         self.timeline.mark("consolidated")
         self._start_engine()
 
@@ -408,13 +413,14 @@ class Worker:
 
     def _consolidate(self) -> None:
         try:
-            rest = ProgressiveRegion.attach(self.cfg.agent, ImageSpec(self.cfg.model, ImageKind.REST,
-                                                                      self.cfg.p, self.cfg.rank))
+            self.rest_region = ProgressiveRegion.attach(
+                self.cfg.agent, ImageSpec(self.cfg.model, ImageKind.REST, self.cfg.p, self.cfg.rank))
             self.weights_ready.wait()
             whole = StageSpec(0, 1, 0, self.runner.model_cfg.num_layers)
             self.runner.extend(whole)
-            self.runner.load(iter_region(rest))
-            rest.close()
+            self.runner.load(iter_region(self.rest_region))
+            self.rest_region.close()
+            self.rest_region = None
             self.timeline.mark("rest_loaded")
         except Exception as e:  # noqa: BLE001
             log.exception("worker %s: consolidation failed", self.cfg.worker_id)
@@ -452,9 +458,10 @@ class Worker:
             self.state = WorkerState.STOPPED
         self._close_ring()
         self.listener.close()
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        for region in (self.region, self.rest_region):
+            if region is not None:
+                region.close()
+        self.region = self.rest_region = None
         self.exit_requested.set()
 
     def describe(self) -> dict:

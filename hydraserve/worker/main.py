@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="running sequences (default: 64)")
     p.add_argument("--max-model-len", type=int, default=3072, help="default: 3072")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="on CUDA, cap this process's GPU memory to its claim (a per-process "
+                        "memory fraction) so that workers sharing a GPU stay in budget")
     p.add_argument("--late-attach", action="store_true",
                    help="baseline start path: import torch first, only then attach (and so start "
                         "the fetch when no prefetch was ordered)")
@@ -74,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gpu_memory_gb and args.device.startswith("cuda") and torch.cuda.is_available():
+        dev = torch.device(args.device)
+        total = torch.cuda.get_device_properties(dev).total_memory / 1e9
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb / total), dev)
     timeline.mark("imports_done")
     if region is None:
         region = ProgressiveRegion.attach(args.agent, spec)
