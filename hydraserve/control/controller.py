@@ -31,6 +31,7 @@ from hydraserve.control.placement import POLICIES, PolicyName, place_cached, pla
 from hydraserve.control.presets import Preset
 from hydraserve.control.snapshot import (MAX_GROUP, ModelInfo, NodeSnapshot, Placement,
                                          PlacementRequest)
+from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks  # torch-free
 
 log = logging.getLogger("hydraserve.control")
 
@@ -103,8 +104,6 @@ class Controller:
     # -- models ------------------------------------------------------------------------------------
     def register(self, entry: ModelConfigEntry) -> Endpoint:
         """Make a model servable (idempotent for the same entry)."""
-        from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
-
         path = Path(entry.path)
         cfg = ModelConfig.from_dir(path)  # validates the directory; torch-free
         size = entry.size_gb
@@ -349,6 +348,11 @@ class Controller:
         its running requests; part-card GPUs are then freed and other all-card stages become
         standalone instances."""
         all_card = [s for s in inst.stages if s.all_card]
+        # at low priority: let the requests that started the instance get their first token
+        # before the rest of the model competes with them for the head's CPU and copies
+        while inst.active and "first_token" not in inst.timeline and \
+                inst.state is InstanceState.READY:
+            await asyncio.sleep(0.02)
         # the rest of the model is fetched with the node's NIC to itself (PAPER.md 5): wait
         # until each all-card node is free of other fetches, then book it exclusively
         rest_gbits = ep.size_gb * 8 * (inst.placement.p - 1) / inst.placement.p

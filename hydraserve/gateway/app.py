@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from hydraserve.config import ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry
+from hydraserve.config import NAME, ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry
 from hydraserve.control.controller import Controller, QueueFull
 from hydraserve.control.instance import Request
 from hydraserve.control.placement import PolicyName
@@ -199,7 +199,6 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
                                      ttft_slo_s=float(d.get("ttft_slo_s", 7.5)),
                                      tpot_slo_ms=d.get("tpot_slo_ms"),
                                      profiled_tpot_ms=d.get("profiled_tpot_ms"))
-            from hydraserve.config import NAME
             if not NAME.match(entry.name):
                 raise ConfigError(f"model name must match {NAME.pattern}")
             await gateway.register(entry)
