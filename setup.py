@@ -31,6 +31,7 @@ setup(
             # vLLM for CPU also accepts, so one environment can hold both.
             "transformers>=5.16.1,<5.20",
             "openai>=1.30",
+            "matplotlib>=3.7",  # the figure scripts
         ],
     },
     entry_points={"console_scripts": ["hydraserve=hydraserve.cli:main"]},
