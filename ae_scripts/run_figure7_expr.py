@@ -1,0 +1,213 @@
+"""The paper's cold-start experiment (Figure 7) on the local cluster, end to end.
+
+    python ae_scripts/run_figure7_expr.py [--quick] [--backends a10,v100] [--exec-types ...]
+        [--models M1,M2 | --model-sets 0,1] [--trials 3] [--keep-alive 30] [--out DIR]
+
+For every backend (scaled testbed) and execution type it starts `hydraserve serve` on that
+testbed, then for every model sends --trials streamed requests, each after the model scaled to
+zero (so every trial is cold), and records TTFT and TPOT as the paper does: the mean of the two
+smallest trials. HydraServe runs as static(4), as in the paper's cold-start experiment. Rows go
+to `<out>/<backend>.csv` (replacing earlier rows of the same exec type and model), then
+ae_scripts/figure7.py draws figs/figure7.pdf. `--quick`: the a10 testbed, two models, the
+keep-alive shortened to 2 s (about 10 minutes on a 2-core machine).
+
+Client mode (what ae_scripts/coldstart.sh runs): `--url URL` measures a server started by
+ae_scripts/start_server.sh instead of starting one. `--write-configs DIR` only writes the
+cluster and models YAML of one backend / model set and exits.
+
+Breakdown columns (seconds, from the head worker's timeline on this machine's clock):
+queue_s = request sent -> worker spawned; init_s = spawned -> torch and the engine imported;
+fetch_s = region attached -> all weights loaded (the fetch, with loading overlapped);
+load_s = weights loaded -> engine ready; first_token_s = engine ready -> first token.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydraserve.httpjson import call  # noqa: E402
+from hydraserve.store.launch import ServerProcess  # noqa: E402
+from hydraserve.testbeds import MODEL_SETS, PAPER_MODELS, testbed  # noqa: E402
+
+EXEC_TYPES = ("serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
+              "hydraserve_with_single_worker", "hydraserve")
+FIELDS = ["exec_type", "model", "backend", "ttft_s", "tpot_ms", "trials", "queue_s", "fetch_s",
+          "load_s", "init_s", "first_token_s"]
+QUICK_MODELS = ("OPT-2.7B", "Llama2-7B")
+SHARE = {"serverlessllm": False, "serverlessllm_with_cached_model": False}  # PAPER.md 8
+
+
+def write_configs(out: Path, backend: str, models: list[str], exec_type: str,
+                  models_dir: Path) -> tuple[Path, Path]:
+    cfg = testbed(backend, share=SHARE.get(exec_type, True))
+    cluster = {"device": cfg.device, "share": cfg.share,
+               "storage": {"egress_gbps": cfg.egress_gbps},
+               "scale": {"size_scale": cfg.scale.size_scale,
+                         "after_fetch_ms": cfg.scale.after_fetch_ms},
+               "servers": [{"name": s.name, "gpus": list(s.gpus), "nic_gbps": s.nic_gbps,
+                            "host_memory_gb": s.host_memory_gb,
+                            "cache_gb": s.host_memory_gb / 4} for s in cfg.servers]}
+    entries = []
+    for name in models:
+        m = PAPER_MODELS[name]
+        entries.append({"name": name, "path": str(m.make(models_dir)),
+                        "ttft_slo_s": 7.5 if m.paper_gb <= 15 else 12.0})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    (out / "models.yaml").write_text(yaml.safe_dump({"models": entries}))
+    return out / "cluster.yaml", out / "models.yaml"
+
+
+def _instances(url: str, model: str) -> list[dict]:
+    return [i for i in call(url, "GET", "/admin/instances")["instances"] if i["model"] == model]
+
+
+def _evict_host_caches(url: str, model: str) -> None:
+    """ServerlessLLM without a cached model: each trial finds the model out of host memory."""
+    for agent in call(url, "GET", "/admin/instances")["agents"].values():
+        for r in call(agent, "GET", "/regions")["regions"]:
+            if r["model"] == model and r["cached"] and not r["readers"]:
+                call(agent, "DELETE", f"/regions/{r['id']}")
+
+
+def one_trial(url: str, model: str, evict: bool = False) -> dict:
+    import openai
+
+    deadline = time.monotonic() + 300
+    while _instances(url, model) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if evict:
+        _evict_host_caches(url, model)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    sent = time.time()
+    stamps: list[float] = []
+    timeline: dict = {}
+    for chunk in client.completions.create(model=model, prompt="def main():", max_tokens=16,
+                                           stream=True, temperature=0,
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.time())
+            if len(stamps) == 1:
+                try:
+                    head = _instances(url, model)[0]["stages"][0]["url"]
+                    timeline = call(head, "GET", "/health")["timeline"]
+                except (IndexError, KeyError, RuntimeError):
+                    timeline = {}
+    t = {k: v - sent for k, v in timeline.items()}
+    ttft = stamps[0] - sent
+    gap = lambda a, b: round(max(0.0, t[b] - t[a]), 4) if a in t and b in t else None  # noqa
+    return {"ttft_s": ttft,
+            "tpot_ms": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1000,
+            "queue_s": round(t["spawned"], 4) if "spawned" in t else None,
+            "init_s": gap("spawned", "imports_done"), "fetch_s": gap("attached", "weights_ready"),
+            "load_s": gap("weights_ready", "engine_ready"),
+            "first_token_s": round(ttft - t["engine_ready"], 4) if "engine_ready" in t else None}
+
+
+def measure(url: str, exec_type: str, backend: str, models: list[str], trials: int) -> list[dict]:
+    rows = []
+    for model in models:
+        runs = [one_trial(url, model, evict=exec_type == "serverlessllm") for _ in range(trials)]
+        best = sorted(runs, key=lambda r: r["ttft_s"])[:2]  # the paper: mean of the two smallest
+        mean = lambda k: statistics.mean(r[k] for r in best if r[k] is not None) \
+            if any(r[k] is not None for r in best) else None  # noqa: E731
+        row = {"exec_type": exec_type, "model": model, "backend": backend,
+               "ttft_s": round(mean("ttft_s"), 4), "tpot_ms": round(mean("tpot_ms"), 3),
+               "trials": ";".join(f"{r['ttft_s']:.3f}" for r in runs)}
+        for k in ("queue_s", "fetch_s", "load_s", "init_s", "first_token_s"):
+            v = mean(k)
+            row[k] = "" if v is None else round(v, 4)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def save(rows: list[dict], path: Path) -> None:
+    """Merge rows into a results CSV, replacing earlier (exec_type, model, backend) rows."""
+    old = []
+    if path.exists():
+        with open(path) as f:
+            old = list(csv.DictReader(f))
+    keys = {(r["exec_type"], r["model"], r["backend"]) for r in rows}
+    merged = [r for r in old if (r["exec_type"], r["model"], r["backend"]) not in keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(merged)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a10 only, two models, keep-alive 2 s")
+    ap.add_argument("--backends", default="a10,v100")
+    ap.add_argument("--exec-types", default=",".join(EXEC_TYPES))
+    ap.add_argument("--model-sets", default="0,1", help="the paper's model sets (default 0,1)")
+    ap.add_argument("--models", default=None, help="explicit model names instead of sets")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--keep-alive", type=float, default=30.0,
+                    help="seconds before a model scales to zero (the paper: 30)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "figure7"))
+    ap.add_argument("--models-dir", default=str(ROOT / ".cache" / "paper-models"))
+    ap.add_argument("--url", default=None, help="client mode: measure this running server")
+    ap.add_argument("--write-configs", default=None, metavar="DIR",
+                    help="write cluster.yaml and models.yaml for one backend and exit")
+    ap.add_argument("--no-figure", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.backends, args.keep_alive = "a10", min(args.keep_alive, 2.0)
+        args.models = args.models or ",".join(QUICK_MODELS)
+    backends = args.backends.split(",")
+    if args.models:
+        models = args.models.split(",")
+    else:
+        models = [m for s in args.model_sets.split(",") for m in MODEL_SETS[int(s)]]
+    exec_types = args.exec_types.split(",")
+    unknown = [m for m in models if m not in PAPER_MODELS]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; choose from {', '.join(PAPER_MODELS)}")
+    if args.write_configs:
+        write_configs(Path(args.write_configs), backends[0], models, exec_types[0],
+                      Path(args.models_dir))
+        return
+    if args.url:
+        save(measure(args.url, exec_types[0], backends[0], models, args.trials),
+             Path(args.out) / f"{backends[0]}.csv")
+        return
+    for backend in backends:
+        # the paper's 13B models do not fit an A10 (22 GB usable)
+        fit = [m for m in models if backend != "a10" or PAPER_MODELS[m].paper_gb + 5 <= 22]
+        for et in exec_types:
+            with tempfile.TemporaryDirectory() as tmp:
+                cluster, models_yaml = write_configs(Path(tmp), backend, fit, et,
+                                                     Path(args.models_dir))
+                extra = ["--static-p", "4"] if et == "hydraserve" else []
+                server = ServerProcess(["serve", "--cluster", str(cluster), "--models",
+                                        str(models_yaml), "--exec-type", et, "--port", "0",
+                                        "--keep-alive", str(args.keep_alive), *extra],
+                                       Path(tmp) / "serve.log", timeout=600)
+                try:
+                    rows = measure(server.url, et, backend, fit, args.trials)
+                finally:
+                    server.stop()
+                save(rows, Path(args.out) / f"{backend}.csv")
+    if not args.no_figure:
+        subprocess.run([sys.executable, str(ROOT / "ae_scripts" / "figure7.py"), "--results",
+                        args.out], check=False)
+
+
+if __name__ == "__main__":
+    main()
