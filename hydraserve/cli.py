@@ -283,6 +283,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="seconds an idle instance is kept before it scales to zero (default: 30)")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="queued requests per model before 429 (default: 1024)")
+    p.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a request may wait for an instance before it fails with 503 "
+                        "(default: 300)")
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
     p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
@@ -321,6 +324,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ModelConfigEntry(name="demo", path=_demo_model(), ttft_slo_s=7.5)]
     gw = GatewayConfig(host=args.host, port=args.port, exec_type=args.exec_type,
                        keep_alive_s=args.keep_alive, max_queue=args.max_queue,
+                       queue_timeout_s=args.queue_timeout,
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
                        kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,
                        static_p=args.static_p)

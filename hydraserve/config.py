@@ -98,6 +98,7 @@ class GatewayConfig:
     keep_alive_s: float = 30.0
     batch_capacity: int = 8  # requests per instance (8p for a p-stage pipeline)
     max_queue: int = 1024  # queued requests per model before 429
+    queue_timeout_s: float = 300.0  # a request no instance could take by then fails with 503
     admin_token: str | None = None
     max_model_len: int = 3072
     max_new_tokens: int = 1024

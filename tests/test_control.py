@@ -77,3 +77,24 @@ def test_admin_routes_need_the_token(llama_dir):
         assert client.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 404
     finally:
         cluster.close()
+
+
+def test_a_model_that_fits_nowhere_fails_after_the_queue_timeout(llama_dir):
+    import dataclasses
+
+    tiny_gpus = dataclasses.replace(
+        default_local_cluster(),
+        servers=tuple(dataclasses.replace(s, gpus=(1.0,)) for s in default_local_cluster().servers))
+    cluster = LocalCluster(tiny_gpus)
+    try:
+        c = Controller(cluster, tiny_gpus, GatewayConfig(queue_timeout_s=5), preset("hydraserve"))
+        ep = c.register(ModelConfigEntry("m", llama_dir))  # needs >= 5 GB, GPUs have 1 GB
+        req = Request("r", "m", [1, 2], {"max_tokens": 1})
+        c.submit(req)
+        c._reconcile(ep, req.arrival + 1)
+        assert req.events.empty() and ep.queue == [req] and not ep.instances
+        c._reconcile(ep, req.arrival + 6)
+        err = req.events.get_nowait()
+        assert err["status"] == 503 and "could be started" in err["error"] and not ep.queue
+    finally:
+        cluster.close()

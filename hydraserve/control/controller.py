@@ -176,6 +176,11 @@ class Controller:
 
     def _reconcile(self, ep: Endpoint, now: float) -> None:
         ep.queue = [r for r in ep.queue if not r.cancelled]
+        for r in [r for r in ep.queue if now - r.arrival > self.gw.queue_timeout_s]:
+            ep.queue.remove(r)
+            r.events.put_nowait({"error": f"no instance of {ep.name} could be started within "
+                                          f"{self.gw.queue_timeout_s:.0f} s (the cluster has no "
+                                          "room for it)", "status": 503})
         for inst in ep.instances:
             while ep.queue and inst.free_slots:
                 self._dispatch(inst, ep.queue.pop(0))
