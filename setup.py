@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "client": ["openai>=1.30"],  # the examples `hydraserve serve` prints
+        "kubernetes": ["kubernetes>=29"],  # scripts/kubernetes/label_nodes.py on a real cluster
         "test": [
             "pytest>=8",
             # Reference implementation for correctness tests only; the range is one the real
