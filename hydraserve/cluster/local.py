@@ -12,7 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from hydraserve.cluster.base import WorkerSpec
+from hydraserve.cluster.base import WorkerSpec, worker_args
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.launch import ServerProcess
 
@@ -70,19 +70,7 @@ class LocalCluster:
             link.unlink()
 
     def start_worker(self, spec: WorkerSpec) -> None:
-        args = ["worker", "--model", spec.model, "--rank", str(spec.rank), "--pipeline",
-                str(spec.p), "--layers", "%d:%d" % spec.layers, "--agent",
-                self.agent_url(spec.node), "--worker-id", spec.worker_id, "--num-kv-blocks",
-                str(spec.num_kv_blocks), "--device", spec.device, "--dtype", spec.dtype,
-                "--max-model-len", str(spec.max_model_len)]
-        if spec.all_card:
-            args.append("--all-card")
-        if spec.late_attach:
-            args.append("--late-attach")
-        if not spec.streaming_load:
-            args.append("--no-streaming-load")
-        if spec.gpu_memory_gb:
-            args += ["--gpu-memory-gb", str(spec.gpu_memory_gb)]
+        args = worker_args(spec, self.agent_url(spec.node))
         proc = ServerProcess(args, self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
         with self._lock:
             self._workers[spec.worker_id] = proc

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from hydraserve.engine.batch import StepBatch
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
 from hydraserve.engine.runner import StageRunner, iter_checkpoint
 from hydraserve.engine.sampler import sample
@@ -39,8 +40,8 @@ class LLMEngine:
         self.num_blocks = num_kv_blocks(self.model_cfg, self.cfg)
         self.stages = [StageRunner(self.model_cfg, spec, self.cfg, self.num_blocks,
                                    self.max_model_len) for spec in self.layout.stages(pipeline)]
-        weights = weights or (lambda spec: iter_checkpoint(self.model_dir,
-                                                           self.layout.tensor_names(spec)))
+        weights = weights or (lambda spec: iter_checkpoint(
+            self.model_dir, self.layout.tensor_names(spec), self.layout.tensors))
         for stage in self.stages:
             stage.load(weights(stage.spec))
         self.scheduler = Scheduler(self.cfg, self.num_blocks, self.max_model_len,
@@ -57,10 +58,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        logits = self._forward(batch)
+        return self.scheduler.update(batch, sample(logits, batch.samples))
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        """Run the stages in order; the last-token logits of each sequence."""
         x = None
         for stage in self.stages:
             x = stage.execute(batch, x)
-        return self.scheduler.update(batch, sample(x, batch.samples))
+        return x
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
         """Run prompts to completion together (continuous batching); results in prompt order."""
@@ -80,8 +86,6 @@ class LLMEngine:
         seq_id = self.add_request(prompt_ids, SamplingParams(max_tokens=1))
         batch = self.scheduler.schedule()
         assert batch is not None and batch.seq_ids == [seq_id], "engine must be idle"
-        x = None
-        for stage in self.stages:
-            x = stage.execute(batch, x)
-        self.scheduler.update(batch, sample(x, batch.samples))
-        return x[0]
+        logits = self._forward(batch)
+        self.scheduler.update(batch, sample(logits, batch.samples))
+        return logits[0]

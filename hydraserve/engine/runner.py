@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -10,7 +10,7 @@ from hydraserve.engine.batch import StepBatch, attention_metadata
 from hydraserve.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from hydraserve.engine.kv_cache import KVCache
 from hydraserve.engine.models.registry import STAGE_CLASSES
-from hydraserve.store.checkpoint import scan_checkpoint
+from hydraserve.store.checkpoint import TensorInfo, scan_checkpoint
 from hydraserve.store.layout import StageSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,13 +28,16 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def iter_checkpoint(model_dir: str | Path, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for ``names`` from a checkpoint directory, one file at a time."""
+def iter_checkpoint(model_dir: str | Path, names: Iterable[str],
+                    tensors: Mapping[str, TensorInfo] | None = None
+                    ) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for ``names`` from a checkpoint directory, one file at a time.
+    ``tensors``: the directory's table if the caller has scanned it already."""
     from safetensors import safe_open
 
     wanted = set(names)
     by_file: dict[Path, list[str]] = {}
-    for name, info in scan_checkpoint(Path(model_dir)).items():
+    for name, info in (tensors or scan_checkpoint(Path(model_dir))).items():
         if name in wanted:
             by_file.setdefault(info.file, []).append(name)
     for path, file_names in by_file.items():

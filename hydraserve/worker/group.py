@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hydraserve.cluster.base import WorkerSpec, worker_args
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
 from hydraserve.httpjson import call, stream
 from hydraserve.store.image import ImageKind, ImageSpec
@@ -82,15 +83,12 @@ class LocalPipeline:
         blocks = num_kv_blocks(ModelConfig.from_dir(self.model_dir), cfg.engine)
         e = cfg.engine
         for r in range(cfg.p):
-            args = ["worker", "--model", self.name, "--rank", str(r), "--pipeline", str(cfg.p),
-                    "--layers", "%d:%d" % self.layers[r], "--agent", self.agents[r].url,
-                    "--worker-id", f"{self.name}-r{r}", "--num-kv-blocks", str(blocks),
-                    "--device", e.device, "--dtype", e.dtype, "--block-size", str(e.block_size),
-                    "--max-num-seqs", str(e.max_num_seqs), "--max-model-len", str(e.max_model_len)]
-            if r in cfg.all_card:
-                args.append("--all-card")
-            if cfg.threads_per_worker:
-                args += ["--threads", str(cfg.threads_per_worker)]
+            spec = WorkerSpec(worker_id=f"{self.name}-r{r}", model=self.name, node=f"node{r}",
+                              rank=r, p=cfg.p, layers=self.layers[r], all_card=r in cfg.all_card,
+                              num_kv_blocks=blocks, device=e.device, dtype=e.dtype,
+                              max_model_len=e.max_model_len, block_size=e.block_size,
+                              max_num_seqs=e.max_num_seqs, threads=cfg.threads_per_worker)
+            args = worker_args(spec, self.agents[r].url)
             self.workers.append(ServerProcess(args, self._log(f"worker{r}"), wait=False))
         self.stamps["workers_spawned"] = time.time()
         for w in self.workers:
