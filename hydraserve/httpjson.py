@@ -42,6 +42,22 @@ def call(url: str, method: str, path: str, body: dict | None = None, timeout: fl
     return out
 
 
+def get_bytes(url: str, path: str, timeout: float = 30.0) -> bytes:
+    """GET ``path`` and return the body as it is; raises :class:`CallError` (with the status)."""
+    conn = _connect(url, timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        payload = resp.read()
+    except OSError as e:
+        raise CallError(f"{url} unreachable: {e}") from None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        raise CallError(f"GET {path}: {resp.status} {payload[:200]!r}", resp.status)
+    return payload
+
+
 def stream(url: str, path: str, body: dict, timeout: float = 300.0) -> Iterator[dict]:
     """POST ``body`` and yield each JSON line of a newline-delimited streaming answer."""
     conn = _connect(url, timeout)

@@ -380,7 +380,7 @@ def make_app(cfg: AgentConfig) -> web.Application:
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "node": cfg.node, "nic_gbps": agent.nic.gbps,
-                                  "regions": len(agent.regions)})
+                                  "regions": len(agent.regions), "remote": cfg.remote})
 
     app.router.add_get("/health", health)
     app.router.add_post("/prefetch", prefetch)

@@ -7,6 +7,9 @@ safetensors checkpoint is a model. HTTP API:
   GET  /models                                   names, sizes, layer counts
   GET  /models/{name}/layout?p=P                 layer ranges and image sizes of the p stages
   GET  /models/{name}/image?kind=stage|rest|full&p=P&rank=R    (HEAD for the size)
+  GET  /models/{name}/files/{file}               the model's small side files (config,
+                                                 tokenizer): what a stock engine needs beside
+                                                 the weights
 
 Images are streamed from the checkpoint files (never built in memory), honour ``Range: bytes=a-b``
 (206), and share the store's egress limit fairly across all connections.
@@ -30,6 +33,10 @@ log = logging.getLogger("hydraserve.store")
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 256 * 1024
+# the files besides the weights that a Hugging Face model folder may need (served as they are)
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+              "chat_template.jinja")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -153,8 +160,22 @@ def make_app(store: ModelStore, egress_gbps: float | None = None) -> web.Applica
         await resp.write_eof()
         return resp
 
+    async def side_file(request: web.Request) -> web.Response:
+        name, fname = request.match_info["name"], request.match_info["file"]
+        if fname not in SIDE_FILES:
+            return json_error(404, f"{fname!r} is not a side file; one of {', '.join(SIDE_FILES)}")
+        try:
+            store.layout(name)
+        except KeyError:
+            return json_error(404, f"unknown model {name!r}")
+        path = store.root / name / fname
+        if not path.is_file():
+            return json_error(404, f"model {name!r} has no {fname}")
+        return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
+
     app.router.add_get("/health", health)
     app.router.add_get("/models", models)
+    app.router.add_get("/models/{name}/files/{file}", side_file)
     app.router.add_get("/models/{name}/layout", layout)
     app.router.add_get("/models/{name}/image", image)  # HEAD is routed with GET
     return app
