@@ -289,6 +289,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
     p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
+    p.add_argument("--engine", choices=["hydraserve", "vllm"], default="hydraserve",
+                   help="the workers' engine (default: hydraserve). vllm: each cold start "
+                        "fetches the whole model to the node through the same storage path, then "
+                        "starts the genuine vLLM OpenAI server on it; whole models only, so it "
+                        "goes with serverless_vllm, serverlessllm* or hydraserve_with_single_worker")
+    p.add_argument("--vllm-python", default=None,
+                   help="with --engine vllm: a Python that has vLLM (default: "
+                        "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -318,6 +326,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from hydraserve.control.presets import preset
 
+    vllm_python = None
+    if args.engine == "vllm":
+        from hydraserve.worker.vllm_worker import find_vllm_python
+
+        if preset(args.exec_type).max_p != 1 or (args.static_p or 1) != 1:
+            log.error("--engine vllm runs whole models (p = 1): use it with serverless_vllm, "
+                      "serverlessllm, serverlessllm_with_cached_model or "
+                      "hydraserve_with_single_worker, without --static-p")
+            return 2
+        vllm_python = find_vllm_python(args.vllm_python)
+        if vllm_python is None:
+            log.error("--engine vllm: no Python with vLLM found (give --vllm-python or "
+                      "HYDRASERVE_VLLM_PYTHON; the README shows how to install the vLLM peer)")
+            return 2
     cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
     cluster_cfg = cluster_cfg.with_host_cache(preset(args.exec_type).cache)
     models = load_models(args.models) if args.models else [
@@ -327,7 +349,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        queue_timeout_s=args.queue_timeout,
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
                        kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,
-                       static_p=args.static_p)
+                       static_p=args.static_p, engine=args.engine, vllm_python=vllm_python)
     sock = socket.create_server((args.host, args.port))
     port = sock.getsockname()[1]
     url = f"http://{args.host}:{port}"
@@ -336,7 +358,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"hydraserve gateway listening on {url}", flush=True)
         print(f"""
-  {len(cluster_cfg.servers)} servers, execution type {args.exec_type}, models: {', '.join(m.name for m in models)}
+  {len(cluster_cfg.servers)} servers, execution type {args.exec_type} ({args.engine} engine), models: {', '.join(m.name for m in models)}
   try:
     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'

@@ -104,6 +104,8 @@ class GatewayConfig:
     max_new_tokens: int = 1024
     kv_cache_mb: int = 128  # per worker
     log_dir: str | None = None
+    engine: str = "hydraserve"  # the workers' engine: hydraserve, or vllm (p = 1 only)
+    vllm_python: str | None = None
 
 
 def _load_yaml(path: str | Path) -> dict:

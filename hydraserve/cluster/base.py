@@ -28,6 +28,8 @@ class WorkerSpec:
     late_attach: bool = False  # baseline: fetch only once the worker is up
     streaming_load: bool = True  # baseline off: wait for every byte, then load
     gpu_memory_gb: float | None = None  # the claim, in real GB (enforced on CUDA)
+    engine: str = "hydraserve"  # or "vllm": the genuine vLLM server (p = 1)
+    vllm_python: str | None = None
 
 
 def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
@@ -47,6 +49,10 @@ def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
         args += ["--gpu-memory-gb", str(spec.gpu_memory_gb)]
     if spec.threads:
         args += ["--threads", str(spec.threads)]
+    if spec.engine != "hydraserve":
+        args += ["--engine", spec.engine]
+        if spec.vllm_python:
+            args += ["--vllm-python", spec.vllm_python]
     return args
 
 

@@ -299,7 +299,8 @@ class Controller:
                                   max_model_len=self.gw.max_model_len,
                                   late_attach=not self.preset.prefetch,
                                   streaming_load=self.preset.streaming_load,
-                                  gpu_memory_gb=s.claim.gb / self.cluster_cfg.scale.size_scale)
+                                  gpu_memory_gb=s.claim.gb / self.cluster_cfg.scale.size_scale,
+                                  engine=self.gw.engine, vllm_python=self.gw.vllm_python)
                 await loop.run_in_executor(None, self.cluster.start_worker, spec)
             inst.mark("workers_spawned")
             urls = await asyncio.gather(*(loop.run_in_executor(

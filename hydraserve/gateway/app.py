@@ -236,6 +236,11 @@ async def _events(req: Request, detok: Detokenizer, gateway: Gateway,
             gateway.metrics.requests.labels(model, "error").inc()
             yield "", None, n, item
             return
+        if item.get("token_id") is None:  # an engine may end a stream without a token
+            reason = item.get("finish_reason") or "stop"
+            gateway.metrics.requests.labels(model, "ok").inc()
+            yield detok.flush(), reason, n, None
+            return
         now = time.monotonic()
         if n == 0:
             gateway.metrics.ttft.labels(model).observe(now - req.arrival)

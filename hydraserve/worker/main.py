@@ -45,6 +45,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the fetch when no prefetch was ordered)")
     p.add_argument("--no-streaming-load", action="store_true",
                    help="baseline load path: wait for every byte of the stage, then load")
+    p.add_argument("--engine", choices=["hydraserve", "vllm"], default="hydraserve",
+                   help="hydraserve (default): our engine; vllm: fetch the whole model to the "
+                        "node's disk through the same storage path, then run the genuine vLLM "
+                        "OpenAI server on it (p = 1 only; the real Serverless vLLM baseline)")
+    p.add_argument("--vllm-python", default=None,
+                   help="with --engine vllm: a Python that has vLLM (default: "
+                        "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
+    p.add_argument("--vllm-args", default="--enforce-eager",
+                   help="with --engine vllm: extra arguments for vLLM's server (default: "
+                        "--enforce-eager; pass '' for vLLM's defaults, which compile the model)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0,
+                   help="with --engine vllm: VLLM_CPU_KVCACHE_SPACE in GB (default: 1)")
+    p.add_argument("--vllm-start-timeout", type=float, default=600.0,
+                   help="with --engine vllm: seconds vLLM may take to serve (default: 600)")
     p.add_argument("--omp-spin-count", type=int, default=20000,
                    help="how long idle OpenMP threads spin before sleeping (sets GOMP_SPINCOUNT "
                         "before torch loads). The default spin (~ms) would make an idle stage "
@@ -54,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from hydraserve.worker.vllm_worker import run as run_vllm
+
+        return run_vllm(args, START)
     from hydraserve.store.image import ImageKind, ImageSpec
     from hydraserve.store.progressive import ProgressiveRegion
     from hydraserve.worker.timeline import Timeline

@@ -1,0 +1,355 @@
+"""``hydraserve worker --engine vllm``: the genuine vLLM OpenAI server as a serverless worker.
+
+The baseline the paper calls Serverless vLLM, with the real vLLM instead of our engine. The
+worker speaks the same control API as ours (so the gateway, the controller and the experiment
+scripts treat it like any p = 1 worker) and starts the way a stock vLLM container does:
+
+1. attach to the node's storage agent (the same storage path as every worker: the whole-model
+   image over the node's NIC limit) and write the bytes to a model folder on the node's disk as
+   they arrive, with the side files (config, tokenizer) from the remote store -> ``weights_ready``;
+2. start ``python -m vllm.entrypoints.openai.api_server --model DIR`` (imports, engine init,
+   weight load, profiling and warm-up are all vLLM's own) -> ``vllm_started``;
+3. poll its /health -> ``engine_ready``. ``/generate`` waits for that, then streams the request
+   through vLLM's /v1/completions (prompt token ids in, ``return_token_ids`` out).
+
+The image *is* a safetensors file (header + tensors under their checkpoint names), so the folder
+is an ordinary Hugging Face model folder. vLLM runs in the Python given by ``--vllm-python``
+(or HYDRASERVE_VLLM_PYTHON), so it can live in its own virtual environment.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from hydraserve.httpjson import CallError, call, get_bytes
+from hydraserve.store.image import CARRIED_FILES, ImageKind, ImageSpec
+from hydraserve.store.progressive import ProgressiveRegion
+from hydraserve.worker.timeline import Timeline
+
+log = logging.getLogger("hydraserve.worker")
+
+# where the README's set-up puts a separate vLLM environment
+DEFAULT_VLLM_VENV_PYTHON = "/opt/vllm-venv/bin/python"
+# vLLM's default start on CPU compiles the model with torch.compile; vLLM 0.32's compile cache
+# does not load back on the CPU build (it recompiles on every start, ~1 min more per cold start),
+# so by default the peer runs eager -- as HydraServe's own workers do.
+DEFAULT_VLLM_ARGS = "--enforce-eager"
+WRITE_CHUNK = 4 << 20
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+LOAD_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
+
+
+def has_vllm(python: str) -> bool:
+    try:
+        r = subprocess.run([python, "-c", "import importlib.util as u, sys; "
+                            "sys.exit(u.find_spec('vllm') is None)"], capture_output=True,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def find_vllm_python(given: str | None = None) -> str | None:
+    """A Python interpreter that can import vllm: ``given``, else HYDRASERVE_VLLM_PYTHON, else
+    this one, else the README's separate environment; None if there is none."""
+    if given:
+        return given if has_vllm(given) else None
+    env = os.environ.get("HYDRASERVE_VLLM_PYTHON")
+    cands = [env] if env else [sys.executable, DEFAULT_VLLM_VENV_PYTHON]
+    for py in cands:
+        if py and Path(py).exists() and has_vllm(py):
+            return py
+    return None
+
+
+class VLLMWorker:
+    """One stock vLLM server behind our worker control API."""
+
+    def __init__(self, args: argparse.Namespace, timeline: Timeline):
+        self.args, self.timeline = args, timeline
+        self.wid = args.worker_id or f"{args.model}-r0"
+        self.state = "loading"
+        self.error: str | None = None
+        self.ready = threading.Event()  # set when vLLM serves, or when the start failed
+        self.proc: subprocess.Popen | None = None
+        self.vllm_url: str | None = None
+        self.vllm_load_s: float | None = None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hydraserve-vllm-{self.wid}-"))
+        self.exit_requested = threading.Event()
+        self._stopped = False
+
+    def describe(self) -> dict:
+        return {"worker_id": self.wid, "model": self.args.model, "engine": "vllm", "rank": 0,
+                "p": 1, "state": self.state, "error": self.error, "standalone": True,
+                "stage_port": 0, "pid": os.getpid(), "vllm_url": self.vllm_url,
+                "vllm_pid": self.proc.pid if self.proc else None,
+                "vllm_load_s": self.vllm_load_s, "timeline": self.timeline.as_dict()}
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._start, name="vllm-start", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            self._fetch()
+            self._launch()
+            self._wait_healthy()
+            self.state = "ready"
+            self.timeline.mark("engine_ready")
+        except Exception as e:  # noqa: BLE001 - reported through /health and to callers
+            log.error("worker %s: vLLM start failed: %s", self.wid, e)
+            self.state, self.error = "failed", f"vLLM start failed: {e}"
+        finally:
+            self.ready.set()
+
+    def _fetch(self) -> None:
+        """The node-local download: the full image to DIR/model.safetensors, as bytes arrive."""
+        region = ProgressiveRegion.attach(self.args.agent, ImageSpec(self.args.model,
+                                                                     ImageKind.FULL))
+        self.timeline.mark("attached")
+        try:
+            with open(self.dir / "model.safetensors", "wb") as f:
+                off = 0
+                while off < region.length and not self._stopped:
+                    end = min(region.length, off + WRITE_CHUNK)
+                    region.wait_for(end)
+                    f.write(region.data[off:end])
+                    off = end
+        finally:
+            region.close()
+        remote = call(self.args.agent, "GET", "/health")["remote"]
+        for name in (*CARRIED_FILES, *SIDE_FILES):
+            try:
+                body = get_bytes(remote, f"/models/{self.args.model}/files/{name}")
+            except CallError as e:
+                if e.status == 404:
+                    continue
+                raise
+            (self.dir / name).write_bytes(body)
+        if not (self.dir / "config.json").exists():
+            raise RuntimeError(f"the store has no config.json for {self.args.model}")
+        self.timeline.mark("weights_ready")
+
+    def _launch(self) -> None:
+        with socket.socket() as s:  # a free port for vLLM (it binds it a moment later)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [self.args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(self.dir), "--served-model-name", self.args.model,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", self.args.dtype,
+               "--max-model-len", str(self.args.max_model_len), "--seed", "0",
+               *shlex.split(self.args.vllm_args)]
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.args.kv_cache_gb))))
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        log.info("worker %s: starting vLLM: %s", self.wid, shlex.join(cmd))
+        # its own session: stopping the worker stops vLLM's engine-core and worker processes too
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True, text=True, bufsize=1)
+        self.vllm_url = f"http://127.0.0.1:{port}"
+        self.timeline.mark("vllm_started")
+        threading.Thread(target=self._pump_log, name="vllm-log", daemon=True).start()
+
+    def _pump_log(self) -> None:
+        """vLLM's output into this worker's log (stderr); picks out its weight-load time."""
+        for line in self.proc.stdout:
+            sys.stderr.write("[vllm] " + line)
+            m = LOAD_LINE.search(line)
+            if m:
+                self.vllm_load_s = float(m.group(1))
+        sys.stderr.flush()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.args.vllm_start_timeout
+        while time.monotonic() < deadline and not self._stopped:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with status {self.proc.returncode} "
+                                   "(its output is in this worker's log)")
+            try:
+                get_bytes(self.vllm_url, "/health", timeout=2)
+                return
+            except (CallError, OSError):
+                time.sleep(0.1)
+        raise RuntimeError(f"vLLM did not serve within {self.args.vllm_start_timeout:.0f} s")
+
+    # -- stop -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.state = "stopped"
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the group we created for it
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.exit_requested.set()
+        self.ready.set()
+
+
+def completion_body(model: str, body: dict) -> dict:
+    """Our /generate body -> vLLM's /v1/completions body (token ids in and out)."""
+    out = {"model": model, "prompt": [int(t) for t in body["prompt_ids"]], "stream": True,
+           "return_token_ids": True, "max_tokens": int(body.get("max_tokens") or 16),
+           "temperature": float(body.get("temperature") or 0.0)}
+    for k in ("top_p", "top_k", "seed", "ignore_eos"):
+        if body.get(k) is not None:
+            out[k] = body[k]
+    if out.get("top_k") == 0:
+        out["top_k"] = -1  # vLLM's "disabled"
+    if body.get("stop_token_ids"):
+        out["stop_token_ids"] = [int(t) for t in body["stop_token_ids"]]
+    return out
+
+
+def token_items(chunk: dict) -> list[dict]:
+    """One SSE chunk of vLLM's completion stream -> our {"token_id", "finish_reason"} items
+    (a finish without a token becomes {"token_id": None, "finish_reason"})."""
+    if "error" in chunk:
+        err = chunk["error"]
+        return [{"error": err.get("message", str(err)) if isinstance(err, dict) else str(err)}]
+    items = []
+    for choice in chunk.get("choices") or ():
+        ids = choice.get("token_ids") or []
+        reason = choice.get("finish_reason")
+        for i, t in enumerate(ids):
+            items.append({"token_id": int(t),
+                          "finish_reason": reason if i == len(ids) - 1 else None})
+        if reason and not ids:
+            items.append({"token_id": None, "finish_reason": reason})
+    return items
+
+
+def make_app(worker: VLLMWorker):
+    import aiohttp
+    from aiohttp import web
+
+    from hydraserve.store.server import json_error
+
+    app = web.Application()
+
+    async def on_startup(app: web.Application) -> None:
+        app["session"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+
+    async def on_cleanup(app: web.Application) -> None:
+        await app["session"].close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response(worker.describe())
+
+    async def init(_: web.Request) -> web.Response:
+        return web.json_response(worker.describe())  # p = 1: no ring to join
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            if not body.get("prompt_ids"):
+                return json_error(400, "prompt_ids is empty")
+            vbody = completion_body(worker.args.model, body)
+        except (ValueError, KeyError, TypeError) as e:
+            return json_error(400, f"invalid request: {e}")
+        loop = asyncio.get_running_loop()
+        if not worker.ready.is_set():
+            await loop.run_in_executor(None, worker.ready.wait)
+        if worker.state != "ready":
+            return json_error(503, worker.error or f"worker is {worker.state}")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            async with app["session"].post(worker.vllm_url + "/v1/completions",
+                                           json=vbody) as vr:
+                if vr.status != 200:
+                    text = await vr.text()
+                    try:
+                        msg = json.loads(text).get("error", {}).get("message", text)
+                    except (ValueError, AttributeError):
+                        msg = text
+                    await resp.write(json.dumps({"error": f"vLLM {vr.status}: {msg}"}).encode()
+                                     + b"\n")
+                    return resp
+                async for line in vr.content:
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    for item in token_items(json.loads(data)):
+                        await resp.write(json.dumps(item).encode() + b"\n")
+        except aiohttp.ClientError as e:
+            await resp.write(json.dumps({"error": f"vLLM unreachable: {e}"}).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def consolidate(_: web.Request) -> web.Response:
+        return json_error(409, "a vLLM worker serves the whole model: nothing to consolidate")
+
+    async def stop(_: web.Request) -> web.Response:
+        await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+        return web.json_response({"stopped": worker.wid})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", health)
+    app.router.add_post("/init", init)
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/consolidate", consolidate)
+    app.router.add_post("/stop", stop)
+    return app
+
+
+def run(args: argparse.Namespace, start: float) -> int:
+    if args.p != 1:
+        log.error("the vllm engine serves whole models: --pipeline must be 1, not %d", args.p)
+        return 2
+    py = find_vllm_python(args.vllm_python)
+    if py is None:
+        log.error("no Python with vLLM found (give --vllm-python or HYDRASERVE_VLLM_PYTHON; "
+                  "see the README's set-up of the vLLM peer)")
+        return 2
+    args.vllm_python = py
+    wid = args.worker_id or f"{args.model}-r0"
+    worker = VLLMWorker(args, Timeline(wid, start))
+    worker.start()
+
+    from hydraserve.store.server import serve
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, lambda: (worker.exit_requested.wait(),
+                                            loop.call_soon_threadsafe(stop.set)))
+        worker.timeline.mark("http_ready")
+        await serve(make_app(worker), args.host, args.port, f"hydraserve worker {wid} (vllm)",
+                    stop, extra=" stage_port=0")
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.stop()
+    log.info("worker %s: exited", wid)
+    return 0
