@@ -51,3 +51,11 @@ def test_results_rows_are_merged_not_duplicated(tmp_path):
     mod.save([{**a, "ttft_s": 4}], out)
     rows = list(csv.DictReader(open(out)))
     assert [(r["model"], r["ttft_s"]) for r in rows] == [("Llama2-7B", "6"), ("OPT-2.7B", "4")]
+
+
+@pytest.mark.parametrize("name", list(PAPER_MODELS))
+def test_head_sizes_run_on_vllms_cpu_attention(name):
+    """vLLM's CPU attention takes head sizes 32, 64, 80, 96, 112, 128, ... only: the stand-ins
+    must use one so that the real vLLM serves them in the cold-start experiment."""
+    m = PAPER_MODELS[name]
+    assert m.hidden % m.heads == 0 and m.hidden // m.heads in (32, 64, 80, 96, 112, 128)
