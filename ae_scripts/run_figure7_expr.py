@@ -15,10 +15,17 @@ Client mode (what ae_scripts/coldstart.sh runs): `--url URL` measures a server s
 ae_scripts/start_server.sh instead of starting one. `--write-configs DIR` only writes the
 cluster and models YAML of one backend / model set and exits.
 
+Exec type `vllm` is the genuine vLLM as the serverless_vllm worker (`hydraserve serve
+--exec-type serverless_vllm --engine vllm`): it runs when a Python with vLLM is found (see the
+README) and is skipped with a message otherwise; `--vllm-python` names one.
+
 Breakdown columns (seconds, from the head worker's timeline on this machine's clock):
 queue_s = request sent -> worker spawned; init_s = spawned -> torch and the engine imported;
 fetch_s = region attached -> all weights loaded (the fetch, with loading overlapped);
 load_s = weights loaded -> engine ready; first_token_s = engine ready -> first token.
+For `vllm` rows: fetch_s = the download of the model to the node's disk; load_s = vLLM's own
+weight load (from its log); init_s = the rest of vLLM's start (imports, engine init, profiling,
+KV cache, warm-up).
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from hydraserve.store.launch import ServerProcess  # noqa: E402
 from hydraserve.testbeds import MODEL_SETS, PAPER_MODELS, testbed  # noqa: E402
 
 EXEC_TYPES = ("serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
-              "hydraserve_with_single_worker", "hydraserve")
+              "hydraserve_with_single_worker", "hydraserve", "vllm")
 FIELDS = ["exec_type", "model", "backend", "ttft_s", "tpot_ms", "trials", "queue_s", "fetch_s",
           "load_s", "init_s", "first_token_s"]
 QUICK_MODELS = ("OPT-2.7B", "Llama2-7B")
@@ -71,6 +78,16 @@ def write_configs(out: Path, backend: str, models: list[str], exec_type: str,
     return out / "cluster.yaml", out / "models.yaml"
 
 
+def serve_args(exec_type: str, vllm_python: str | None = None) -> list[str]:
+    """The `hydraserve serve` flags of one row of the figure."""
+    if exec_type == "vllm":
+        return ["--exec-type", "serverless_vllm", "--engine", "vllm",
+                *(["--vllm-python", vllm_python] if vllm_python else [])]
+    if exec_type == "hydraserve":
+        return ["--exec-type", "hydraserve", "--static-p", "4"]  # as in the paper's experiment
+    return ["--exec-type", exec_type]
+
+
 def _instances(url: str, model: str) -> list[dict]:
     return [i for i in call(url, "GET", "/admin/instances")["instances"] if i["model"] == model]
 
@@ -95,6 +112,7 @@ def one_trial(url: str, model: str, evict: bool = False) -> dict:
     sent = time.time()
     stamps: list[float] = []
     timeline: dict = {}
+    vllm_load = None
     for chunk in client.completions.create(model=model, prompt="def main():", max_tokens=16,
                                            stream=True, temperature=0,
                                            extra_body={"ignore_eos": True}):
@@ -103,12 +121,22 @@ def one_trial(url: str, model: str, evict: bool = False) -> dict:
             if len(stamps) == 1:
                 try:
                     head = _instances(url, model)[0]["stages"][0]["url"]
-                    timeline = call(head, "GET", "/health")["timeline"]
+                    health = call(head, "GET", "/health")
+                    timeline, vllm_load = health["timeline"], health.get("vllm_load_s")
                 except (IndexError, KeyError, RuntimeError):
                     timeline = {}
     t = {k: v - sent for k, v in timeline.items()}
     ttft = stamps[0] - sent
     gap = lambda a, b: round(max(0.0, t[b] - t[a]), 4) if a in t and b in t else None  # noqa
+    if "vllm_started" in t:  # the genuine vLLM: its start is one block, its load from its log
+        start, load = gap("vllm_started", "engine_ready"), vllm_load
+        return {"ttft_s": ttft,
+                "tpot_ms": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1000,
+                "queue_s": round(t["spawned"], 4) if "spawned" in t else None,
+                "init_s": None if start is None else round(start - (load or 0.0), 4),
+                "fetch_s": gap("attached", "weights_ready"), "load_s": load,
+                "first_token_s": round(ttft - t["engine_ready"], 4)
+                if "engine_ready" in t else None}
     return {"ttft_s": ttft,
             "tpot_ms": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1000,
             "queue_s": round(t["spawned"], 4) if "spawned" in t else None,
@@ -166,6 +194,9 @@ def main() -> None:
     ap.add_argument("--write-configs", default=None, metavar="DIR",
                     help="write cluster.yaml and models.yaml for one backend and exit")
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--vllm-python", default=None,
+                    help="a Python with vLLM for the `vllm` exec type (default: "
+                         "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
     args = ap.parse_args()
     if args.quick:
         args.backends, args.keep_alive = "a10", min(args.keep_alive, 2.0)
@@ -176,6 +207,18 @@ def main() -> None:
     else:
         models = [m for s in args.model_sets.split(",") for m in MODEL_SETS[int(s)]]
     exec_types = args.exec_types.split(",")
+    bad = [e for e in exec_types if e not in EXEC_TYPES + ("hydraserve_with_cache",)]
+    if bad:
+        sys.exit(f"unknown exec type(s) {bad}; choose from {', '.join(EXEC_TYPES)}")
+    vllm_python = None
+    if "vllm" in exec_types and not args.url and not args.write_configs:
+        from hydraserve.worker.vllm_worker import find_vllm_python
+
+        vllm_python = find_vllm_python(args.vllm_python)
+        if vllm_python is None:
+            print("no Python with vLLM found: skipping the `vllm` rows (see the README to "
+                  "install the vLLM peer, or give --vllm-python)", file=sys.stderr)
+            exec_types.remove("vllm")
     unknown = [m for m in models if m not in PAPER_MODELS]
     if unknown:
         sys.exit(f"unknown model(s) {unknown}; choose from {', '.join(PAPER_MODELS)}")
@@ -194,10 +237,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 cluster, models_yaml = write_configs(Path(tmp), backend, fit, et,
                                                      Path(args.models_dir))
-                extra = ["--static-p", "4"] if et == "hydraserve" else []
                 server = ServerProcess(["serve", "--cluster", str(cluster), "--models",
-                                        str(models_yaml), "--exec-type", et, "--port", "0",
-                                        "--keep-alive", str(args.keep_alive), *extra],
+                                        str(models_yaml), *serve_args(et, vllm_python),
+                                        "--port", "0", "--keep-alive", str(args.keep_alive)],
                                        Path(tmp) / "serve.log", timeout=600)
                 try:
                     rows = measure(server.url, et, backend, fit, args.trials)
