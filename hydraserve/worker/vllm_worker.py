@@ -92,6 +92,7 @@ class VLLMWorker:
         self.dir = Path(tempfile.mkdtemp(prefix=f"hydraserve-vllm-{self.wid}-"))
         self.exit_requested = threading.Event()
         self._stopped = False
+        self._lock = threading.Lock()
 
     def describe(self) -> dict:
         return {"worker_id": self.wid, "model": self.args.model, "engine": "vllm", "rank": 0,
@@ -112,8 +113,9 @@ class VLLMWorker:
             self.state = "ready"
             self.timeline.mark("engine_ready")
         except Exception as e:  # noqa: BLE001 - reported through /health and to callers
-            log.error("worker %s: vLLM start failed: %s", self.wid, e)
-            self.state, self.error = "failed", f"vLLM start failed: {e}"
+            if not self._stopped:
+                log.error("worker %s: vLLM start failed: %s", self.wid, e)
+                self.state, self.error = "failed", f"vLLM start failed: {e}"
         finally:
             self.ready.set()
 
@@ -160,8 +162,11 @@ class VLLMWorker:
         env.setdefault("DO_NOT_TRACK", "1")
         log.info("worker %s: starting vLLM: %s", self.wid, shlex.join(cmd))
         # its own session: stopping the worker stops vLLM's engine-core and worker processes too
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True, text=True, bufsize=1)
+        with self._lock:  # a stop racing this start must see the process, or prevent it
+            if self._stopped:
+                raise RuntimeError("the worker is stopping")
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True, text=True, bufsize=1)
         self.vllm_url = f"http://127.0.0.1:{port}"
         self.timeline.mark("vllm_started")
         threading.Thread(target=self._pump_log, name="vllm-log", daemon=True).start()
@@ -190,11 +195,12 @@ class VLLMWorker:
 
     # -- stop -------------------------------------------------------------------------------
     def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            proc = self.proc
         self.state = "stopped"
-        proc = self.proc
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)  # the group we created for it
