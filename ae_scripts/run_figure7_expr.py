@@ -194,6 +194,9 @@ def main() -> None:
     ap.add_argument("--write-configs", default=None, metavar="DIR",
                     help="write cluster.yaml and models.yaml for one backend and exit")
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local",
+                    help="local (default): the scaled testbed on this machine; kubernetes: a "
+                         "real cluster (passed to `hydraserve serve`; not available yet)")
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vLLM for the `vllm` exec type (default: "
                          "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
@@ -239,7 +242,8 @@ def main() -> None:
                                                      Path(args.models_dir))
                 server = ServerProcess(["serve", "--cluster", str(cluster), "--models",
                                         str(models_yaml), *serve_args(et, vllm_python),
-                                        "--port", "0", "--keep-alive", str(args.keep_alive)],
+                                        "--port", "0", "--keep-alive", str(args.keep_alive),
+                                        "--cluster-backend", args.cluster_backend],
                                        Path(tmp) / "serve.log", timeout=600)
                 try:
                     rows = measure(server.url, et, backend, fit, args.trials)

@@ -5,7 +5,8 @@
 #   EXEC_TYPE: one of the six execution types, or `vllm` (serverless_vllm with the genuine vLLM
 #   as the worker; needs a Python with vLLM, see the README).
 #   EXPR 1: the end-to-end experiment (not available yet).
-# Environment: PORT (default 8000), KEEP_ALIVE (default 30).
+# Environment: PORT (default 8000), KEEP_ALIVE (default 30), CLUSTER_BACKEND (local, the
+# default, or kubernetes: a real cluster, not available yet).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 EXPR EXEC_TYPE MODEL_SET BACKEND [CV REQ_RATE]" >&2; exit 2
@@ -25,4 +26,5 @@ case "$EXEC_TYPE" in
   *) flags=(--exec-type "$EXEC_TYPE") ;;
 esac
 hydraserve serve --cluster "$conf/cluster.yaml" --models "$conf/models.yaml" "${flags[@]}" \
-  --port "${PORT:-8000}" --keep-alive "${KEEP_ALIVE:-30}"
+  --port "${PORT:-8000}" --keep-alive "${KEEP_ALIVE:-30}" \
+  --cluster-backend "${CLUSTER_BACKEND:-local}"

@@ -289,6 +289,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
     p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
+    p.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local",
+                   help="where workers run: local (default: processes on this machine, the "
+                        "servers of --cluster emulated) or kubernetes (worker containers on a "
+                        "real cluster; not available in this version)")
     p.add_argument("--engine", choices=["hydraserve", "vllm"], default="hydraserve",
                    help="the workers' engine (default: hydraserve). vllm: each cold start "
                         "fetches the whole model to the node through the same storage path, then "
@@ -326,6 +330,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from hydraserve.control.presets import preset
 
+    if args.cluster_backend != "local":
+        log.error("--cluster-backend %s: this version runs the local backend only; the "
+                  "Kubernetes backend (worker containers through the kubernetes client) is "
+                  "not built yet", args.cluster_backend)
+        return 2
     vllm_python = None
     if args.engine == "vllm":
         from hydraserve.worker.vllm_worker import find_vllm_python

@@ -88,3 +88,8 @@ def test_make_model_cli_shards_and_loads_in_transformers(tmp_path):
 def test_make_model_rejects_bad_shapes(tmp_path):
     r = _run("make-model", str(tmp_path / "x"), "--hidden", "100", "--heads", "3")
     assert r.returncode == 2 and "divisible" in r.stderr
+
+
+def test_serve_names_the_missing_kubernetes_backend():
+    r = _run("serve", "--cluster-backend", "kubernetes", "--port", "0")
+    assert r.returncode == 2 and "local backend only" in r.stderr
