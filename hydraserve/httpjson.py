@@ -21,40 +21,37 @@ def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
 
 
-def call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
-    """One JSON request; returns the decoded answer or raises :class:`CallError`."""
+def _request(url: str, method: str, path: str, data: bytes | None,
+             timeout: float) -> tuple[int, bytes]:
     conn = _connect(url, timeout)
     try:
-        data = None if body is None else json.dumps(body).encode()
         conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
-        payload = resp.read()
+        return resp.status, resp.read()
     except OSError as e:
         raise CallError(f"{url} unreachable: {e}") from None
     finally:
         conn.close()
+
+
+def call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+    """One JSON request; returns the decoded answer or raises :class:`CallError`."""
+    status, payload = _request(url, method, path,
+                               None if body is None else json.dumps(body).encode(), timeout)
     try:
         out = json.loads(payload or b"{}")
     except ValueError:
         out = {"error": payload[:200].decode(errors="replace")}
-    if resp.status >= 400:
-        raise CallError(f"{method} {path}: {resp.status} {out.get('error', out)}", resp.status)
+    if status >= 400:
+        raise CallError(f"{method} {path}: {status} {out.get('error', out)}", status)
     return out
 
 
 def get_bytes(url: str, path: str, timeout: float = 30.0) -> bytes:
     """GET ``path`` and return the body as it is; raises :class:`CallError` (with the status)."""
-    conn = _connect(url, timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        payload = resp.read()
-    except OSError as e:
-        raise CallError(f"{url} unreachable: {e}") from None
-    finally:
-        conn.close()
-    if resp.status >= 400:
-        raise CallError(f"GET {path}: {resp.status} {payload[:200]!r}", resp.status)
+    status, payload = _request(url, "GET", path, None, timeout)
+    if status >= 400:
+        raise CallError(f"GET {path}: {status} {payload[:200]!r}", status)
     return payload
 
 

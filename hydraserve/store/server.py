@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 
 from aiohttp import web
 
@@ -30,3 +31,21 @@ async def serve(app: web.Application, host: str, port: int, what: str,
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def run_until(app: web.Application, host: str, port: int, what: str,
+              exit_requested: threading.Event, extra: str = "") -> None:
+    """Serve ``app`` (blocking) until SIGINT/SIGTERM or until another thread sets
+    ``exit_requested``; on the way out the event is set, so the thread watching it ends too."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, lambda: (exit_requested.wait(),
+                                            loop.call_soon_threadsafe(stop.set)))
+        try:
+            await serve(app, host, port, what, stop, extra)
+        finally:
+            exit_requested.set()
+
+    asyncio.run(main())

@@ -114,22 +114,14 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(cfg, region, timeline)
     worker.start_loading()
 
-    import asyncio
-
-    from hydraserve.store.server import serve
+    from hydraserve.store.server import run_until
     from hydraserve.worker.api import make_app
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, lambda: (worker.exit_requested.wait(),
-                                            loop.call_soon_threadsafe(stop.set)))
-        timeline.mark("http_ready")
-        await serve(make_app(worker), args.host, args.port, f"hydraserve worker {wid}", stop,
-                    extra=f" stage_port={worker.stage_port}")
-
+    app = make_app(worker)
+    timeline.mark("http_ready")
     try:
-        asyncio.run(main())
+        run_until(app, args.host, args.port, f"hydraserve worker {wid}", worker.exit_requested,
+                  extra=f" stage_port={worker.stage_port}")
     finally:
         worker.stop()
     logging.getLogger("hydraserve.worker").info("worker %s: exited", wid)

@@ -342,19 +342,13 @@ def run(args: argparse.Namespace, start: float) -> int:
     worker = VLLMWorker(args, Timeline(wid, start))
     worker.start()
 
-    from hydraserve.store.server import serve
+    from hydraserve.store.server import run_until
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, lambda: (worker.exit_requested.wait(),
-                                            loop.call_soon_threadsafe(stop.set)))
-        worker.timeline.mark("http_ready")
-        await serve(make_app(worker), args.host, args.port, f"hydraserve worker {wid} (vllm)",
-                    stop, extra=" stage_port=0")
-
+    app = make_app(worker)
+    worker.timeline.mark("http_ready")
     try:
-        asyncio.run(main())
+        run_until(app, args.host, args.port, f"hydraserve worker {wid} (vllm)",
+                  worker.exit_requested, extra=" stage_port=0")
     finally:
         worker.stop()
     log.info("worker %s: exited", wid)
