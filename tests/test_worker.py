@@ -162,6 +162,18 @@ def test_stop_frees_every_process_and_segment(llama_dir):
     assert not any(n.startswith("hs_") and n in segments for n in os.listdir("/dev/shm"))
 
 
+def test_sigterm_stops_a_worker_promptly(llama_dir):
+    """SIGTERM (what a backend sends) must end the process at once, not after its kill timeout:
+    nothing may stay blocked waiting for an exit request that never comes."""
+    with LocalPipeline(GroupConfig(llama_dir, p=2, threads_per_worker=1)) as pipe:
+        list(pipe.generate([1, 2, 3], max_tokens=2, ignore_eos=True))
+        proc = pipe.workers[1].proc
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t < 5
+
+
 def test_transport_roundtrip_and_rejects_garbage():
     a, b = socket.socketpair()
     try:
