@@ -70,7 +70,9 @@ def write_configs(out: Path, backend: str, models: list[str], exec_type: str,
     entries = []
     for name in models:
         m = PAPER_MODELS[name]
-        entries.append({"name": name, "path": str(m.make(models_dir)),
+        # placement uses the paper's size (the stand-in's bytes are within a few % of it; a
+        # 27 GB OPT-13B would need ceil(27 + 5) = 33 GB and no longer fit a 32 GB V100)
+        entries.append({"name": name, "path": str(m.make(models_dir)), "size_gb": m.paper_gb,
                         "ttft_slo_s": 7.5 if m.paper_gb <= 15 else 12.0})
     out.mkdir(parents=True, exist_ok=True)
     (out / "cluster.yaml").write_text(yaml.safe_dump(cluster))
@@ -148,7 +150,13 @@ def one_trial(url: str, model: str, evict: bool = False) -> dict:
 def measure(url: str, exec_type: str, backend: str, models: list[str], trials: int) -> list[dict]:
     rows = []
     for model in models:
-        runs = [one_trial(url, model, evict=exec_type == "serverlessllm") for _ in range(trials)]
+        try:
+            runs = [one_trial(url, model, evict=exec_type == "serverlessllm")
+                    for _ in range(trials)]
+        except Exception as e:  # noqa: BLE001 - one model failing must not end the experiment
+            print(f"{exec_type} {model} on {backend}: FAILED ({type(e).__name__}: {e}); "
+                  "no row written", file=sys.stderr, flush=True)
+            continue
         best = sorted(runs, key=lambda r: r["ttft_s"])[:2]  # the paper: mean of the two smallest
         mean = lambda k: statistics.mean(r[k] for r in best if r[k] is not None) \
             if any(r[k] is not None for r in best) else None  # noqa: E731
