@@ -33,8 +33,7 @@ def test_testbeds():
         make_testbed("h100")
 
 
-def test_results_rows_are_merged_not_duplicated(tmp_path):
-    import csv
+def _experiment():
     import importlib.util
     import sys
 
@@ -43,6 +42,13 @@ def test_results_rows_are_merged_not_duplicated(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     sys.modules["run_figure7_expr"] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_rows_are_merged_not_duplicated(tmp_path):
+    import csv
+
+    mod = _experiment()
     row = {k: "" for k in mod.FIELDS}
     a = {**row, "exec_type": "hydraserve", "model": "OPT-2.7B", "backend": "a10", "ttft_s": 5}
     b = {**a, "model": "Llama2-7B", "ttft_s": 6}
@@ -59,3 +65,19 @@ def test_head_sizes_run_on_vllms_cpu_attention(name):
     must use one so that the real vLLM serves them in the cold-start experiment."""
     m = PAPER_MODELS[name]
     assert m.hidden % m.heads == 0 and m.hidden // m.heads in (32, 64, 80, 96, 112, 128)
+
+
+def test_experiment_rows_map_to_serve_flags_and_paper_sizes(tmp_path):
+    import yaml
+
+    mod = _experiment()
+    assert mod.serve_args("vllm", "/py") == ["--exec-type", "serverless_vllm", "--engine", "vllm",
+                                             "--vllm-python", "/py"]
+    assert mod.serve_args("hydraserve") == ["--exec-type", "hydraserve", "--static-p", "4"]
+    assert mod.serve_args("serverlessllm") == ["--exec-type", "serverlessllm"]
+    cluster, models = mod.write_configs(tmp_path, "v100", ["OPT-2.7B"], "serverlessllm",
+                                        tmp_path / "models")
+    entry = yaml.safe_load(models.read_text())["models"][0]
+    assert entry["size_gb"] == 7 and entry["ttft_slo_s"] == 7.5  # placement uses the paper's size
+    c = yaml.safe_load(cluster.read_text())
+    assert c["share"] is False and len(c["servers"]) == 4  # ServerlessLLM: exclusive GPUs
