@@ -23,23 +23,23 @@ pytestmark = pytest.mark.multiprocess
 REQUESTS = [([5, 9, 13], 24), (list(range(100, 111)), 12), ([42], 30), (list(range(30, 70)), 8)]
 
 
-def _expected(model_dir: str) -> list[list[int]]:
+def _expected(model_dir: str, requests=REQUESTS) -> list[list[int]]:
     engine = LLMEngine(model_dir)
     return [engine.generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
-            for p, n in REQUESTS]
+            for p, n in requests]
 
 
-def _run_concurrently(pipe: LocalPipeline, on_token=None) -> list[list[dict]]:
-    results: list[list[dict]] = [[] for _ in REQUESTS]
+def _run_concurrently(pipe: LocalPipeline, on_token=None, requests=REQUESTS) -> list[list[dict]]:
+    results: list[list[dict]] = [[] for _ in requests]
 
     def one(i: int) -> None:
-        prompt, n = REQUESTS[i]
+        prompt, n = requests[i]
         for item in pipe.generate(prompt, max_tokens=n, ignore_eos=True):
             results[i].append(item)
             if on_token:
                 on_token(i, len(results[i]))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(REQUESTS))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
@@ -63,22 +63,29 @@ def test_pipeline_of_processes_matches_one_worker(llama_dir, p):
 
 
 def test_consolidation_mid_generation_keeps_streams_and_tokens(llama_dir):
-    expected = _expected(llama_dir)
+    # a long request keeps generating while the switch happens, whatever this machine's speed
+    requests = REQUESTS + [(list(range(200, 209)), 400)]
+    expected = _expected(llama_dir, requests)
     cfg = GroupConfig(llama_dir, p=3, all_card=(0, 1), threads_per_worker=1)
     with LocalPipeline(cfg) as pipe:
         started = threading.Event()
 
+        last_token_at: dict[int, float] = {}
+
         def on_token(i: int, n: int) -> None:
+            last_token_at[i] = time.time()  # the clock of the workers' timelines
             if i == 0 and n == 6 and not started.is_set():
                 started.set()
                 pipe.consolidate()
 
-        results = _run_concurrently(pipe, on_token)
+        results = _run_concurrently(pipe, on_token, requests)
         assert started.is_set()
         assert [_tokens(r) for r in results] == expected  # complete, identical, no error events
         head = pipe.health(0)
         assert head["standalone"] and head["active_layers"] == [0, 4]
         assert "consolidated" in head["timeline"]
+        # the switch happened while the long request was still streaming (its KV migrated)
+        assert head["timeline"]["consolidated"] < last_token_at[len(requests) - 1]
         # the part-card stage exits; the other all-card stage serves the whole model by itself
         pipe.workers[2].proc.wait(20)
         deadline = time.monotonic() + 20
