@@ -337,7 +337,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     vllm_python = None
     if args.engine == "vllm":
-        from hydraserve.worker.vllm_worker import find_vllm_python
+        from hydraserve.worker.vllm_worker import NO_VLLM, find_vllm_python
 
         if preset(args.exec_type).max_p != 1 or (args.static_p or 1) != 1:
             log.error("--engine vllm runs whole models (p = 1): use it with serverless_vllm, "
@@ -346,8 +346,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
         vllm_python = find_vllm_python(args.vllm_python)
         if vllm_python is None:
-            log.error("--engine vllm: no Python with vLLM found (give --vllm-python or "
-                      "HYDRASERVE_VLLM_PYTHON; the README shows how to install the vLLM peer)")
+            log.error("--engine vllm: %s", NO_VLLM)
             return 2
     cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
     cluster_cfg = cluster_cfg.with_host_cache(preset(args.exec_type).cache)

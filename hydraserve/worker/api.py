@@ -22,6 +22,7 @@ from aiohttp import web
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.store.server import json_error
 from hydraserve.worker.core import Worker
+from hydraserve.worker.routes import add_control_routes
 
 log = logging.getLogger("hydraserve.worker")
 
@@ -99,10 +100,6 @@ def make_app(worker: Worker) -> web.Application:
         worker.stop()
         return web.json_response({"stopped": worker.cfg.worker_id})
 
-    app.router.add_get("/health", health)
-    app.router.add_get("/stats", health)
-    app.router.add_post("/init", init)
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/consolidate", consolidate)
-    app.router.add_post("/stop", stop)
+    add_control_routes(app, health=health, init=init, generate=generate,
+                       consolidate=consolidate, stop=stop)
     return app

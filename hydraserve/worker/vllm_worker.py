@@ -51,6 +51,8 @@ DEFAULT_VLLM_ARGS = "--enforce-eager"
 WRITE_CHUNK = 4 << 20
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+NO_VLLM = ("no Python with vLLM found (give --vllm-python or HYDRASERVE_VLLM_PYTHON; the README "
+           "shows how to install the vLLM peer)")
 LOAD_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 
 
@@ -253,6 +255,7 @@ def make_app(worker: VLLMWorker):
     from aiohttp import web
 
     from hydraserve.store.server import json_error
+    from hydraserve.worker.routes import add_control_routes
 
     app = web.Application()
 
@@ -319,12 +322,8 @@ def make_app(worker: VLLMWorker):
         await asyncio.get_running_loop().run_in_executor(None, worker.stop)
         return web.json_response({"stopped": worker.wid})
 
-    app.router.add_get("/health", health)
-    app.router.add_get("/stats", health)
-    app.router.add_post("/init", init)
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/consolidate", consolidate)
-    app.router.add_post("/stop", stop)
+    add_control_routes(app, health=health, init=init, generate=generate,
+                       consolidate=consolidate, stop=stop)
     return app
 
 
@@ -334,8 +333,7 @@ def run(args: argparse.Namespace, start: float) -> int:
         return 2
     py = find_vllm_python(args.vllm_python)
     if py is None:
-        log.error("no Python with vLLM found (give --vllm-python or HYDRASERVE_VLLM_PYTHON; "
-                  "see the README's set-up of the vLLM peer)")
+        log.error("%s", NO_VLLM)
         return 2
     args.vllm_python = py
     wid = args.worker_id or f"{args.model}-r0"
