@@ -194,7 +194,8 @@ def plot_breakdown(breakdown: Mapping[Key, Mapping[str, float]], ttft: Mapping[K
         ax.set_xticks(range(len(keys)), [f"{m}\n{SHORT.get(et, et)}" for et, m, _ in keys],
                       rotation=90, fontsize=7)
         ax.set_ylabel("seconds")
-        ax.set_title(f"{backend.upper()}: where each cold start spends its time", fontsize=10)
+        ax.set_title(f"{backend.upper()}: where each cold start spends its time "
+                     "(overlapped stages may stack above the measured TTFT)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         if not keys:
