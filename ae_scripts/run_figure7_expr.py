@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -131,19 +130,15 @@ def one_trial(url: str, model: str, evict: bool = False) -> dict:
     ttft = stamps[0] - sent
     gap = lambda a, b: round(max(0.0, t[b] - t[a]), 4) if a in t and b in t else None  # noqa
     if "vllm_started" in t:  # the genuine vLLM: its start is one block, its load from its log
-        start, load = gap("vllm_started", "engine_ready"), vllm_load
-        return {"ttft_s": ttft,
-                "tpot_ms": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1000,
-                "queue_s": round(t["spawned"], 4) if "spawned" in t else None,
-                "init_s": None if start is None else round(start - (load or 0.0), 4),
-                "fetch_s": gap("attached", "weights_ready"), "load_s": load,
-                "first_token_s": round(ttft - t["engine_ready"], 4)
-                if "engine_ready" in t else None}
+        start = gap("vllm_started", "engine_ready")
+        init = None if start is None else round(start - (vllm_load or 0.0), 4)
+        load = vllm_load
+    else:
+        init, load = gap("spawned", "imports_done"), gap("weights_ready", "engine_ready")
     return {"ttft_s": ttft,
             "tpot_ms": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1000,
             "queue_s": round(t["spawned"], 4) if "spawned" in t else None,
-            "init_s": gap("spawned", "imports_done"), "fetch_s": gap("attached", "weights_ready"),
-            "load_s": gap("weights_ready", "engine_ready"),
+            "init_s": init, "fetch_s": gap("attached", "weights_ready"), "load_s": load,
             "first_token_s": round(ttft - t["engine_ready"], 4) if "engine_ready" in t else None}
 
 

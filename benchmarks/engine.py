@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
+from hydraserve.worker.vllm_worker import find_vllm_python  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048,
                  vocab=16384, seed=0)
@@ -108,16 +108,6 @@ def bench_kv_budget(model: Path) -> dict:
             "seconds": time.perf_counter() - t}
 
 
-def find_vllm_python(given: str | None) -> str | None:
-    cands = [given] if given else [sys.executable, "/opt/vllm-venv/bin/python"]
-    for py in cands:
-        if py and shutil.which(py) or (py and Path(py).exists()):
-            r = subprocess.run([py, "-c", "import vllm"], capture_output=True)
-            if r.returncode == 0:
-                return py
-    return None
-
-
 def bench_vllm(py: str, model: Path, repeats: int, prompt_len: int, decode_prompt_len: int,
                new_tokens: int, batches: list[int]) -> dict | None:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -140,7 +130,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "bench-llama-100m"))
     ap.add_argument("--vllm-python", default=None,
-                    help="a Python with vLLM installed (default: this one, then /opt/vllm-venv)")
+                    help="a Python with vLLM installed (default: HYDRASERVE_VLLM_PYTHON, this "
+                         "one, then /opt/vllm-venv)")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=512)

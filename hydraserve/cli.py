@@ -257,6 +257,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from hydraserve.worker.main import VLLM_PYTHON_HELP
+
     p = sub.add_parser(
         "serve", help="run the gateway and a cluster (default: everything on this machine)",
         description="Serve models behind one OpenAI-compatible endpoint. With no arguments: make "
@@ -298,9 +300,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "fetches the whole model to the node through the same storage path, then "
                         "starts the genuine vLLM OpenAI server on it; whole models only, so it "
                         "goes with serverless_vllm, serverlessllm* or hydraserve_with_single_worker")
-    p.add_argument("--vllm-python", default=None,
-                   help="with --engine vllm: a Python that has vLLM (default: "
-                        "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
+    p.add_argument("--vllm-python", default=None, help=VLLM_PYTHON_HELP)
     p.set_defaults(func=_cmd_serve)
 
 

@@ -88,6 +88,10 @@ def encode_header(tensors: list[TensorInfo], metadata: dict[str, str] | None = N
 
 # model files carried in every image's safetensors metadata, so a worker needs nothing else
 CARRIED_FILES = ("config.json", "generation_config.json")
+# the small files besides the weights that a stock engine wants in a model folder (the remote
+# store serves them as they are)
+SIDE_FILES = (*CARRIED_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 class StageImage:

@@ -26,17 +26,13 @@ from aiohttp import web
 from hydraserve.store.bandwidth import Link
 from hydraserve.store.server import json_error
 from hydraserve.store.checkpoint import CheckpointError, scan_checkpoint
-from hydraserve.store.image import ImageKind, ImageSpec, StageImage
+from hydraserve.store.image import SIDE_FILES, ImageKind, ImageSpec, StageImage
 from hydraserve.store.layout import StageLayout
 
 log = logging.getLogger("hydraserve.store")
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 256 * 1024
-# the files besides the weights that a Hugging Face model folder may need (served as they are)
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-              "chat_template.jinja")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

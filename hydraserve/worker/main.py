@@ -14,6 +14,9 @@ import time
 
 START = time.time()
 
+VLLM_PYTHON_HELP = ("with --engine vllm: a Python that has vLLM (default: HYDRASERVE_VLLM_PYTHON, "
+                    "this one, then /opt/vllm-venv/bin/python)")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name in the remote store")
@@ -49,9 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hydraserve (default): our engine; vllm: fetch the whole model to the "
                         "node's disk through the same storage path, then run the genuine vLLM "
                         "OpenAI server on it (p = 1 only; the real Serverless vLLM baseline)")
-    p.add_argument("--vllm-python", default=None,
-                   help="with --engine vllm: a Python that has vLLM (default: "
-                        "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
+    p.add_argument("--vllm-python", default=None, help=VLLM_PYTHON_HELP)
+    # vLLM's default start on CPU compiles the model; vLLM 0.32's compile cache does not load
+    # back on the CPU build (a recompile on every start, ~1 min), so the peer runs eager
     p.add_argument("--vllm-args", default="--enforce-eager",
                    help="with --engine vllm: extra arguments for vLLM's server (default: "
                         "--enforce-eager; pass '' for vLLM's defaults, which compile the model)")

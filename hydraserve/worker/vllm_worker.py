@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from hydraserve.httpjson import CallError, call, get_bytes
-from hydraserve.store.image import CARRIED_FILES, ImageKind, ImageSpec
+from hydraserve.store.image import SIDE_FILES, ImageKind, ImageSpec
 from hydraserve.store.progressive import ProgressiveRegion
 from hydraserve.worker.timeline import Timeline
 
@@ -44,13 +44,7 @@ log = logging.getLogger("hydraserve.worker")
 
 # where the README's set-up puts a separate vLLM environment
 DEFAULT_VLLM_VENV_PYTHON = "/opt/vllm-venv/bin/python"
-# vLLM's default start on CPU compiles the model with torch.compile; vLLM 0.32's compile cache
-# does not load back on the CPU build (it recompiles on every start, ~1 min more per cold start),
-# so by default the peer runs eager -- as HydraServe's own workers do.
-DEFAULT_VLLM_ARGS = "--enforce-eager"
 WRITE_CHUNK = 4 << 20
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 NO_VLLM = ("no Python with vLLM found (give --vllm-python or HYDRASERVE_VLLM_PYTHON; the README "
            "shows how to install the vLLM peer)")
 LOAD_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
@@ -137,7 +131,7 @@ class VLLMWorker:
         finally:
             region.close()
         remote = call(self.args.agent, "GET", "/health")["remote"]
-        for name in (*CARRIED_FILES, *SIDE_FILES):
+        for name in SIDE_FILES:
             try:
                 body = get_bytes(remote, f"/models/{self.args.model}/files/{name}")
             except CallError as e:
@@ -331,11 +325,12 @@ def run(args: argparse.Namespace, start: float) -> int:
     if args.p != 1:
         log.error("the vllm engine serves whole models: --pipeline must be 1, not %d", args.p)
         return 2
-    py = find_vllm_python(args.vllm_python)
-    if py is None:
+    # the gateway passes the Python it found; probing it again would add a process to every
+    # cold start (a wrong one fails vLLM's start, reported through /health)
+    args.vllm_python = args.vllm_python or find_vllm_python()
+    if args.vllm_python is None:
         log.error("%s", NO_VLLM)
         return 2
-    args.vllm_python = py
     wid = args.worker_id or f"{args.model}-r0"
     worker = VLLMWorker(args, Timeline(wid, start))
     worker.start()
