@@ -149,25 +149,39 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     return cluster_from_dict(_load_yaml(path))
 
 
-def models_from_dict(d: dict, base: Path | None = None) -> list[ModelConfigEntry]:
-    out = []
+def model_entry_from_dict(m: dict, base: Path | None = None) -> ModelConfigEntry:
+    """One model entry (a models YAML item or an admin API body); every field of
+    `ModelConfigEntry` is read here and nowhere else. Unknown keys are an error."""
+    if not isinstance(m, dict):
+        raise ConfigError(f"a model entry must be a mapping, not {type(m).__name__}")
+    known = {f.name for f in dataclasses.fields(ModelConfigEntry)}
+    unknown = sorted(set(m) - known)
+    if unknown:
+        raise ConfigError(f"model entry: unknown field(s) {unknown}; known: {sorted(known)}")
+    opt = lambda k: None if m.get(k) is None else float(m[k])  # noqa: E731
     try:
-        for m in d["models"]:
-            path = Path(m["path"])
-            if base is not None and not path.is_absolute():
-                path = base / path
-            out.append(ModelConfigEntry(
-                name=str(m["name"]), path=str(path), ttft_slo_s=float(m.get("ttft_slo_s", 7.5)),
-                tpot_slo_ms=None if m.get("tpot_slo_ms") is None else float(m["tpot_slo_ms"]),
-                profiled_tpot_ms=None if m.get("profiled_tpot_ms") is None
-                else float(m["profiled_tpot_ms"]),
-                size_gb=None if m.get("size_gb") is None else float(m["size_gb"])))
+        path = Path(m["path"])
+        if base is not None and not path.is_absolute():
+            path = base / path
+        entry = ModelConfigEntry(name=str(m["name"]), path=str(path),
+                                 ttft_slo_s=float(m.get("ttft_slo_s", 7.5)),
+                                 tpot_slo_ms=opt("tpot_slo_ms"),
+                                 profiled_tpot_ms=opt("profiled_tpot_ms"), size_gb=opt("size_gb"))
     except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model entry: {e!r}") from None
+    if not NAME.match(entry.name):
+        raise ConfigError(f"model name {entry.name!r} must match {NAME.pattern}")
+    if entry.size_gb is not None and entry.size_gb <= 0:
+        raise ConfigError(f"model {entry.name}: size_gb must be positive")
+    return entry
+
+
+def models_from_dict(d: dict, base: Path | None = None) -> list[ModelConfigEntry]:
+    try:
+        items = d["models"]
+    except (KeyError, TypeError) as e:
         raise ConfigError(f"models config: {e!r}") from None
-    for m in out:
-        if not NAME.match(m.name):
-            raise ConfigError(f"model name {m.name!r} must match {NAME.pattern}")
-    return out
+    return [model_entry_from_dict(m, base) for m in items]
 
 
 def load_models(path: str | Path) -> list[ModelConfigEntry]:

@@ -98,3 +98,79 @@ def test_a_model_that_fits_nowhere_fails_after_the_queue_timeout(llama_dir):
         assert err["status"] == 503 and "could be started" in err["error"] and not ep.queue
     finally:
         cluster.close()
+
+
+def test_admission_and_placement_share_one_ttft_model(llama_dir):
+    """A cluster whose "after the fetch" constant is 4 s (the embedded default): placement
+    accepts a p = 1 fetch of a 6 GB model on a 16 Gbps NIC for a 7.5 s SLO because
+    3 s + 4 s < 7.5 s, so that fetch must end within 3.5 s. One second later a second fetch
+    would halve its share and end it at 5 s, a TTFT of 9 s by placement's own model: admission
+    must refuse (offer 0). With admission's deadline computed from the artifact's 2000 ms
+    instead of the cluster's 4000 ms, it offered 8 Gbps here."""
+    import dataclasses
+
+    base = default_local_cluster()
+    assert base.scale.after_fetch_ms == 4000
+    one = dataclasses.replace(base, servers=base.servers[:1])
+    cluster = LocalCluster(one)
+    try:
+        c = Controller(cluster, one, GatewayConfig(), preset("hydraserve"))
+        ep = c.register(ModelConfigEntry("m", llama_dir, ttft_slo_s=7.5, size_gb=6.0))
+        req = Request("r", "m", [1, 2], {"max_tokens": 1})
+        c.submit(req)
+        now = req.arrival
+        asked = c.placement_request(ep, now, 1)
+        placement = c._place(asked)
+        assert placement is not None and placement.p == 1
+        assert placement.predicted_ttft_ms == pytest.approx(3000 + 4000)
+        inst = c._claim(ep, placement, asked, now)
+        fetch = inst.stages[0].fetch
+        assert fetch.deadline == pytest.approx(now + 3.5)
+        later = c.placement_request(ep, now + 1.0, 1)
+        assert later.nodes[0].offered_gbps == 0.0
+        assert c._place(later) is None  # nothing to place on: the only NIC is refused
+    finally:
+        cluster.close()
+
+
+def test_admin_register_keeps_every_field_of_a_model_entry(llama_dir):
+    from fastapi.testclient import TestClient
+
+    from hydraserve.gateway.app import Gateway, create_app
+
+    cfg = default_local_cluster()
+    cluster = LocalCluster(cfg)
+    try:
+        gateway = Gateway(GatewayConfig(admin_token="t"), cfg, cluster, [])
+        client = TestClient(create_app(gateway))  # no lifespan: nothing is started
+        auth = {"Authorization": "Bearer t"}
+        body = {"name": "m13", "path": llama_dir, "ttft_slo_s": 12.0, "tpot_slo_ms": 116.0,
+                "profiled_tpot_ms": 40.0, "size_gb": 26.0}
+        assert client.post("/admin/models", json=body, headers=auth).status_code == 200
+        (got,) = client.get("/admin/models", headers=auth).json()["models"]
+        assert got == body  # size_gb was dropped (the checkpoint's bytes were used) before
+        assert gateway.controller.endpoints["m13"].size_gb == 26.0
+        bad = client.post("/admin/models", json={**body, "name": "x", "sise_gb": 1}, headers=auth)
+        assert bad.status_code == 400 and "sise_gb" in bad.json()["error"]["message"]
+    finally:
+        cluster.close()
+
+
+def test_the_cluster_protocol_declares_what_the_control_plane_calls():
+    """Every ``cluster.X`` the gateway and the controller call is part of `ClusterBackend`,
+    and the local backend implements all of it (a new backend only has to read the protocol)."""
+    import inspect
+    import re
+
+    from hydraserve.cluster.base import ClusterBackend
+    from hydraserve.control import controller
+    from hydraserve.gateway import app
+
+    declared = {n for n in vars(ClusterBackend) if not n.startswith("_")}
+    called = set()
+    for mod in (app, controller):
+        source = inspect.getsource(mod)
+        called |= set(re.findall(r"(?:self|gateway)\.cluster\.([a-z_]+)", source))
+    assert called and called <= declared, f"not in the protocol: {called - declared}"
+    missing = [n for n in declared if not callable(getattr(LocalCluster, n, None))]
+    assert not missing

@@ -6,6 +6,7 @@ which 22 GB are usable (PAPER.md section 9, cold-start testbed); we use 22 GB.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -283,7 +284,10 @@ def test_gpu_exclusive_mode():
 def test_claim_gbits_and_deadline():
     assert claim_gbits(13, 1) == 104
     assert claim_gbits(13, 2) == pytest.approx(13 * 8 / 2 / 0.9)
-    assert fetch_deadline(100.0, 7500, 1000) == pytest.approx(104.5)
+    req = PlacementRequest(LLAMA13, (), wait_ms=1000, after_fetch_ms=2000)
+    assert fetch_deadline(100.0, req) == pytest.approx(100 + LLAMA13.ttft_slo_ms / 1000 - 3)
+    later = dataclasses.replace(req, after_fetch_ms=4000)  # the cluster's constant, not 2000
+    assert fetch_deadline(100.0, later) == pytest.approx(fetch_deadline(100.0, req) - 2)
 
 
 def test_admission_refuses_when_an_ongoing_fetch_would_miss_its_deadline():
@@ -345,9 +349,10 @@ def test_ledgers_feed_a_second_placement():
         return [NodeSnapshot(name, gpus.snapshot_gpus(name), nic.bandwidth(name),
                              nic.offered(name, now)) for name in gpus.nodes]
 
-    placement = place_ours(request(LLAMA13, snapshot(0.0)))
+    req = request(LLAMA13, snapshot(0.0))
+    placement = place_ours(req)
     assert placement is not None and placement.p == 2
-    deadline = fetch_deadline(0.0, LLAMA13.ttft_slo_ms, 0.0)  # 10 s
+    deadline = fetch_deadline(0.0, req)  # 10 s
     for stage in placement.stages:
         gpus.claim(stage.node, stage.gpu, stage.reserve_gb)
         nic.book(stage.node, claim_gbits(LLAMA13.size_gb, placement.p), deadline, 0.0)

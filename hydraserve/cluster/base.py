@@ -57,6 +57,12 @@ def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
 
 
 class ClusterBackend(Protocol):
+    """What the control plane and the gateway call on a cluster. ``start`` and ``close`` may
+    block (processes, API calls): async callers run them in an executor."""
+
+    def start(self) -> None:
+        """Bring up the cluster's shared services (store, agents); workers come later."""
+
     def nodes(self) -> tuple[ServerConfig, ...]: ...
 
     def store_url(self) -> str: ...

@@ -200,14 +200,18 @@ class Controller:
                                   cached_models=frozenset(self.cached.get(s.name, ())))
                      for s in self.cluster_cfg.servers)
 
-    def _place(self, ep: Endpoint, now: float, wanted: int) -> Placement | None:
+    def placement_request(self, ep: Endpoint, now: float, wanted: int) -> PlacementRequest:
+        """What placement decides on now; NIC admission books fetches from the same object, so
+        both use one TTFT model (one W, one SLO, the cluster's after_fetch_ms)."""
         wait_ms = (now - ep.queue[0].arrival) * 1000 if ep.queue else 0.0
         e = ep.entry
-        req = PlacementRequest(
+        return PlacementRequest(
             model=ModelInfo(e.name, ep.size_gb, e.ttft_slo_s * 1000, e.tpot_slo_ms,
                             e.profiled_tpot_ms),
             nodes=self._snapshot(now), instances_wanted=wanted, wait_ms=wait_ms,
             max_p=self.preset.max_p, after_fetch_ms=self.cluster_cfg.scale.after_fetch_ms)
+
+    def _place(self, req: PlacementRequest) -> Placement | None:
         if self.preset.cache:
             placed = place_cached(req)
             if placed is not None:
@@ -219,10 +223,11 @@ class Controller:
     def _scale_up(self, ep: Endpoint, now: float, wanted: int) -> None:
         budget = MAX_GROUP
         while wanted > 0 and budget > 0:
-            placement = self._place(ep, now, wanted)
+            req = self.placement_request(ep, now, wanted)
+            placement = self._place(req)
             if placement is None or placement.p > budget:
                 return
-            inst = self._claim(ep, placement, now)
+            inst = self._claim(ep, placement, req, now)
             if inst is None:
                 return
             wanted -= 1
@@ -230,7 +235,8 @@ class Controller:
             ep.cold_starts += 1
             self._spawn(self._start_instance(ep, inst))
 
-    def _claim(self, ep: Endpoint, placement: Placement, now: float) -> Instance | None:
+    def _claim(self, ep: Endpoint, placement: Placement, req: PlacementRequest,
+               now: float) -> Instance | None:
         iid = f"{ep.name}-{next(self._ids)}"
         stages = []
         try:
@@ -243,8 +249,7 @@ class Controller:
                 self.gpus.release(s.claim)
             return None
         if not placement.from_cache:
-            wait_ms = (now - ep.queue[0].arrival) * 1000 if ep.queue else 0.0
-            deadline = fetch_deadline(now, ep.entry.ttft_slo_s * 1000, wait_ms)
+            deadline = fetch_deadline(now, req)
             for s in stages:
                 s.fetch = self.nics.book(s.node, claim_gbits(ep.size_gb, placement.p), deadline,
                                          now)

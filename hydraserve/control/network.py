@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from hydraserve.control.snapshot import AFTER_FETCH_MS, NET_SLACK
+from hydraserve.control.snapshot import NET_SLACK, PlacementRequest
 
 _EPS_GBIT = 1e-9  # remaining bits below this count as done (float residue)
 
@@ -45,10 +45,11 @@ def claim_gbits(size_gb: float, p: int) -> float:
     return size_gb * 8 / p / NET_SLACK
 
 
-def fetch_deadline(now: float, ttft_slo_ms: float, wait_ms: float,
-                   after_fetch_ms: float = AFTER_FETCH_MS) -> float:
-    """Absolute deadline (s) of a fetch started at ``now`` for a request: SLO - W - 2000 ms."""
-    return now + (ttft_slo_ms - wait_ms - after_fetch_ms) / 1000
+def fetch_deadline(now: float, req: PlacementRequest) -> float:
+    """Absolute deadline (s) of a fetch started at ``now`` for the placement decided on ``req``:
+    now + SLO - W - after_fetch_ms, with the very W, SLO and after-fetch constant that the
+    policy's TTFT model used (PAPER.md 5 writes the constant as 2000 ms: the artifact's)."""
+    return now + (req.model.ttft_slo_ms - req.wait_ms - req.after_fetch_ms) / 1000
 
 
 class NicLedger:

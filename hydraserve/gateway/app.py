@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from hydraserve.config import NAME, ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry
+from hydraserve.config import (ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry,
+                               model_entry_from_dict)
 from hydraserve.control.controller import Controller, QueueFull
 from hydraserve.control.instance import Request
 from hydraserve.control.placement import PolicyName
@@ -194,13 +195,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         if not admin_ok(request):
             return _openai_error(401, "admin token required")
         try:
-            d = await request.json()
-            entry = ModelConfigEntry(name=str(d["name"]), path=str(d["path"]),
-                                     ttft_slo_s=float(d.get("ttft_slo_s", 7.5)),
-                                     tpot_slo_ms=d.get("tpot_slo_ms"),
-                                     profiled_tpot_ms=d.get("profiled_tpot_ms"))
-            if not NAME.match(entry.name):
-                raise ConfigError(f"model name must match {NAME.pattern}")
+            entry = model_entry_from_dict(await request.json())
             await gateway.register(entry)
         except (ValueError, KeyError, TypeError, ConfigError, ModelLoadError) as e:
             return _openai_error(400, f"cannot register the model: {e}")
