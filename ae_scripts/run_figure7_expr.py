@@ -44,9 +44,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hydraserve.config import cluster_to_dict  # noqa: E402
 from hydraserve.httpjson import call  # noqa: E402
 from hydraserve.store.launch import ServerProcess  # noqa: E402
-from hydraserve.testbeds import MODEL_SETS, PAPER_MODELS, testbed  # noqa: E402
+from hydraserve.testbeds import (MODEL_SETS, PAPER_MODELS, testbed,  # noqa: E402
+                                 with_host_caches)
 
 EXEC_TYPES = ("serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
               "hydraserve_with_single_worker", "hydraserve", "vllm")
@@ -58,14 +60,7 @@ SHARE = {"serverlessllm": False, "serverlessllm_with_cached_model": False}  # PA
 
 def write_configs(out: Path, backend: str, models: list[str], exec_type: str,
                   models_dir: Path) -> tuple[Path, Path]:
-    cfg = testbed(backend, share=SHARE.get(exec_type, True))
-    cluster = {"device": cfg.device, "share": cfg.share,
-               "storage": {"egress_gbps": cfg.egress_gbps},
-               "scale": {"size_scale": cfg.scale.size_scale,
-                         "after_fetch_ms": cfg.scale.after_fetch_ms},
-               "servers": [{"name": s.name, "gpus": list(s.gpus), "nic_gbps": s.nic_gbps,
-                            "host_memory_gb": s.host_memory_gb,
-                            "cache_gb": s.host_memory_gb / 4} for s in cfg.servers]}
+    cluster = cluster_to_dict(with_host_caches(testbed(backend, share=SHARE.get(exec_type, True))))
     entries = []
     for name in models:
         m = PAPER_MODELS[name]

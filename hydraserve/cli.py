@@ -291,6 +291,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
     p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
+    p.add_argument("--lifecycle-log", default=None, metavar="PATH",
+                   help="append every instance's creation (stages, GPU GB), readiness, finished "
+                        "requests, consolidation and deletion to this JSONL file, with wall-clock "
+                        "times: the input of `hydraserve workload analyze --lifecycle` (GPU cost)")
     p.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local",
                    help="where workers run: local (default: processes on this machine, the "
                         "servers of --cluster emulated) or kubernetes (worker containers on a "
@@ -357,6 +361,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        queue_timeout_s=args.queue_timeout,
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
                        kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,
+                       lifecycle_log=args.lifecycle_log,
                        static_p=args.static_p, engine=args.engine, vllm_python=vllm_python)
     sock = socket.create_server((args.host, args.port))
     port = sock.getsockname()[1]
@@ -385,6 +390,22 @@ print(c.completions.create(model='{name}', prompt='def main():', max_tokens=32).
     return 0
 
 
+def _add_workload(sub: argparse._SubParsersAction) -> None:
+    from hydraserve.workload.commands import add_analyze_parser, add_replay_parser
+    from hydraserve.workload.make import add_make_parser
+
+    p = sub.add_parser(
+        "workload", help="make, replay and analyze the end-to-end experiment's workloads",
+        description="The paper's end-to-end experiment (Figures 9, 11, 13): `make` turns the "
+                    "Azure Functions 2021 trace (or a synthetic one of the same shape) into a "
+                    "trace of LLM requests for the model endpoints, `replay` sends it to a "
+                    "server, `analyze` computes SLO attainment and GPU cost.")
+    wsub = p.add_subparsers(dest="workload_command", metavar="STEP", required=True)
+    add_make_parser(wsub)
+    add_replay_parser(wsub)
+    add_analyze_parser(wsub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve",
@@ -397,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(sub)
     _add_worker(sub)
     _add_serve(sub)
+    _add_workload(sub)
     return parser
 
 

@@ -104,6 +104,7 @@ class GatewayConfig:
     max_new_tokens: int = 1024
     kv_cache_mb: int = 128  # per worker
     log_dir: str | None = None
+    lifecycle_log: str | None = None  # JSONL of instance creation/consolidation/deletion (cost)
     engine: str = "hydraserve"  # the workers' engine: hydraserve, or vllm (p = 1 only)
     vllm_python: str | None = None
 
@@ -143,6 +144,16 @@ def cluster_from_dict(d: dict) -> ClusterConfig:
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"cluster config: device must be cpu or cuda, not {cfg.device!r}")
     return cfg
+
+
+def cluster_to_dict(cfg: ClusterConfig) -> dict:
+    """The cluster YAML of ``cfg`` (`cluster_from_dict` reads it back unchanged)."""
+    return {"device": cfg.device, "share": cfg.share,
+            "storage": {"egress_gbps": cfg.egress_gbps},
+            "scale": dataclasses.asdict(cfg.scale),
+            "servers": [{"name": s.name, "gpus": list(s.gpus), "nic_gbps": s.nic_gbps,
+                         "host_memory_gb": s.host_memory_gb, "cache_gb": s.cache_gb}
+                        for s in cfg.servers]}
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:

@@ -6,6 +6,7 @@ what really moves: a 13 GB model is a ~130 MB checkpoint and a 16 Gbps NIC reall
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import zlib
@@ -17,18 +18,35 @@ from hydraserve.config import ClusterConfig, ScaleConfig, ServerConfig
 SCALE = 100.0
 
 
+TESTBEDS = ("a10", "v100", "hybrid")
+
+
 def testbed(name: str, share: bool = True) -> ClusterConfig:
     """``a10``: 4 x ecs.gn7i-c32g1.8xlarge (one A10, 22 GB usable, 16 Gbps, 188 GB host);
     ``v100``: 4 x ecs.gn6e-c12g1.12xlarge (four 32 GB V100, 16 Gbps, 368 GB host); two storage
-    servers of 32 Gbps in front of either."""
+    servers of 32 Gbps in front of either (the cold-start experiment). ``hybrid`` (the
+    end-to-end experiment): 2 x ecs.gn7i-c32g1.32xlarge (four A10, 64 Gbps, 752 GB host) and
+    4 x ecs.gn6e-c12g1.12xlarge behind 6 storage servers of 32 Gbps (PAPER.md section 9)."""
+    egress = 64.0
     if name == "a10":
         servers = tuple(ServerConfig(f"a10-{i}", (22.0,), 16.0, 188.0) for i in range(4))
     elif name == "v100":
         servers = tuple(ServerConfig(f"v100-{i}", (32.0,) * 4, 16.0, 368.0) for i in range(4))
+    elif name == "hybrid":
+        servers = tuple(ServerConfig(f"a10-{i}", (22.0,) * 4, 64.0, 752.0) for i in range(2)) + \
+            tuple(ServerConfig(f"v100-{i}", (32.0,) * 4, 16.0, 368.0) for i in range(4))
+        egress = 6 * 32.0
     else:
-        raise ValueError(f"unknown testbed {name!r}; choose a10 or v100")
-    return ClusterConfig(servers=servers, device="cpu", share=share, egress_gbps=64.0,
+        raise ValueError(f"unknown testbed {name!r}; choose one of {', '.join(TESTBEDS)}")
+    return ClusterConfig(servers=servers, device="cpu", share=share, egress_gbps=egress,
                          scale=ScaleConfig(size_scale=SCALE))
+
+
+def with_host_caches(cfg: ClusterConfig, fraction: float = 0.25) -> ClusterConfig:
+    """``cfg`` with a host-memory model cache of ``fraction`` of each server's host memory
+    (our choice; `hydraserve serve` zeroes it for execution types without a cache)."""
+    return dataclasses.replace(cfg, servers=tuple(
+        dataclasses.replace(s, cache_gb=s.host_memory_gb * fraction) for s in cfg.servers))
 
 
 @dataclass(frozen=True)
@@ -82,4 +100,7 @@ PAPER_MODELS = {
 }
 # Falcon-7B is not in the engine's families yet; set 0 runs without it.
 MODEL_SETS = {0: ("OPT-2.7B", "OPT-6.7B", "Llama2-7B", "Llama3-8B"),
-              1: ("OPT-13B", "Llama2-13B")}
+              1: ("OPT-13B", "Llama2-13B"),
+              3: ("Llama2-13B", "Llama2-7B")}  # the end-to-end set: 64 replicas per application
+# the end-to-end experiment's model sizes (PAPER.md 10: Llama-2-13B counts as 25 GB there)
+END2END_GB = {"Llama2-13B": 25.0, "Llama2-7B": 13.0}

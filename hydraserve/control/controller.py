@@ -26,6 +26,7 @@ from hydraserve.cluster.base import ClusterBackend, WorkerSpec
 from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
 from hydraserve.control.gpu import GpuLedger
 from hydraserve.control.instance import Instance, InstanceState, Request, Stage
+from hydraserve.control.lifecycle import LifecycleLog
 from hydraserve.control.network import NicLedger, claim_gbits, fetch_deadline
 from hydraserve.control.placement import POLICIES, PolicyName, place_cached, place_static
 from hydraserve.control.presets import Preset
@@ -71,6 +72,7 @@ class Controller:
         self._loop_task: asyncio.Task | None = None
         self.session: aiohttp.ClientSession | None = None
         self._closing = False
+        self.lifecycle = LifecycleLog(gw.lifecycle_log) if gw.lifecycle_log else None
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,6 +93,12 @@ class Controller:
                 req.events.put_nowait({"error": "the server is shutting down", "status": 503})
         if self.session:
             await self.session.close()
+        if self.lifecycle:
+            self.lifecycle.close()
+
+    def _log(self, event: str, **fields) -> None:
+        if self.lifecycle:
+            self.lifecycle.write(event, **fields)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -257,6 +265,10 @@ class Controller:
                         capacity=self.gw.batch_capacity * placement.p)
         ep.instances.append(inst)
         self.instances[iid] = inst
+        self._log("created", instance=iid, model=ep.name, p=placement.p, policy=placement.policy,
+                  from_cache=placement.from_cache,
+                  stages=[{"rank": s.rank, "node": s.node, "gpu": s.claim.gpu, "gb": s.claim.gb,
+                           "all_card": s.all_card} for s in stages])
         log.info("instance %s: p=%d on %s (%s%s)", iid, placement.p,
                  ",".join(s.node for s in stages), placement.policy,
                  ", from cache" if placement.from_cache else "")
@@ -327,6 +339,7 @@ class Controller:
         inst.state = InstanceState.READY
         inst.last_used = time.monotonic()
         inst.mark("ready")
+        self._log("ready", instance=inst.id)
         self.wake()
         self._spawn(self._watch_fetches(inst))
         if inst.placement.consolidate:
@@ -409,9 +422,11 @@ class Controller:
         inst.capacity = self.gw.batch_capacity
         inst.consolidated = True
         inst.mark("consolidated")
+        split = []
         for s in others:
             if s.all_card:  # a standalone worker of its own now
                 iid = f"{ep.name}-{next(self._ids)}"
+                split.append({"rank": s.rank, "instance": iid})
                 solo = Instance(iid, ep.name, inst.placement, [Stage(0, s.node, True, s.claim,
                                                                       s.worker_id, s.layers, s.url)],
                                 capacity=self.gw.batch_capacity, state=InstanceState.READY,
@@ -419,6 +434,8 @@ class Controller:
                 solo.mark("ready")
                 ep.instances.append(solo)
                 self.instances[iid] = solo
+        self._log("consolidated", instance=inst.id,
+                  released=[s.rank for s in others if not s.all_card], split=split)
         log.info("instance %s consolidated into %s", inst.id, head.node)
         self.wake()
 
@@ -454,6 +471,8 @@ class Controller:
                     if req.first_token is None:
                         req.first_token = now
                         inst.mark("first_token")
+                    if item.get("token_id") is not None:
+                        req.tokens += 1
                     req.events.put_nowait(item)
                     if item.get("finish_reason"):
                         ended = True
@@ -472,6 +491,8 @@ class Controller:
         finally:
             inst.active -= 1
             inst.last_used = time.monotonic()
+            self._log("request_end", instance=inst.id, model=inst.model, request=req.id,
+                      tokens=req.tokens)
             self.wake()
 
     # -- stopping ----------------------------------------------------------------------------------
@@ -494,6 +515,7 @@ class Controller:
         if ep is not None and inst in ep.instances:
             ep.instances.remove(inst)
         self.instances.pop(inst.id, None)
+        self._log("deleted", instance=inst.id, state=final.value, error=inst.error)
         log.info("instance %s %s", inst.id, final.value)
         if self.preset.cache:
             await self._refresh_cache()

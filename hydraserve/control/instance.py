@@ -34,6 +34,7 @@ class Request:
     instance: str | None = None
     task: asyncio.Task | None = None
     first_token: float | None = None
+    tokens: int = 0  # generated so far
 
 
 @dataclass

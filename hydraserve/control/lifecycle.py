@@ -1,0 +1,66 @@
+"""The instance lifecycle log: what the cost analysis charges (PAPER.md 11).
+
+One JSON object per line, written as things happen; ``t`` is in seconds on the log's clock
+(the wall clock by default, so a replay's send times and these events share one time axis)::
+
+    {"t", "event": "created", "instance", "model", "p", "policy", "from_cache",
+     "stages": [{"rank", "node", "gpu", "gb", "all_card"}]}     GPU memory claimed (paper GB)
+    {"t", "event": "ready", "instance"}                             the instance serves
+    {"t", "event": "request_end", "instance", "model", "request", "tokens"}   a stream ended
+    {"t", "event": "consolidated", "instance", "released": [ranks], "split": [{"rank",
+     "instance"}]}      part-card stages freed; other all-card stages became standalone instances
+    {"t", "event": "deleted", "instance", "state": "stopped" | "failed", "error"}
+
+An instance is charged GB x seconds for each stage from its creation until the stage is freed,
+but never past 30 s after the last token the stage's instance produced (the keep-alive).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+class LifecycleLog:
+    """Appends lifecycle events to a JSONL file (flushed per event, so a crash loses nothing
+    already written). Thread-safe; ``clock`` gives ``t``."""
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+
+    def write(self, event: str, **fields) -> None:
+        line = json.dumps({"t": round(self._clock(), 6), "event": event, **fields})
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line + "\n")
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def read_lifecycle(path: str | Path) -> list[dict]:
+    """The events of a lifecycle log, in order; a torn last line (a crash mid-write) is
+    skipped, any other malformed line is an error naming the line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines):
+                break
+            raise ValueError(f"{path}:{i}: not a JSON object") from None
+    return out
