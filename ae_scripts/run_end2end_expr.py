@@ -95,6 +95,7 @@ def analyze(folder: Path, exec_type: str, args: argparse.Namespace) -> dict:
     setting = {"testbed": "hybrid (1/100 scale, local cluster)", "per_app": args.per_app,
                "endpoints": 6 * args.per_app, "duration_s": args.duration,
                "max_output_tokens": args.max_output_tokens, "keep_alive_s": args.keep_alive,
+               "kv_cache_mb": args.kv_cache_mb, "rate": args.rate, "cv": args.cv,
                "note": args.note}
     flags = ["--exec-type", exec_type, "--cv", _num(args.cv), "--rate", _num(args.rate),
              "--source", "real", "--keep-alive", _num(args.keep_alive), "--setting",
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--azure", default=None, help="the Azure Functions 2021 trace CSV, if you "
                                                   "have it (default: a synthetic trace)")
     ap.add_argument("--keep-alive", type=float, default=30.0)
+    ap.add_argument("--kv-cache-mb", type=int, default=512,
+                    help="KV cache per worker (default 512: a 1,024-token prompt plus its "
+                         "output fits the 13B stand-in with room for a batch)")
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     ap.add_argument("--tpot-slo-scale", type=float, default=None,
                     help="judge TPOT against SLO x this (default: TTFT attainment only)")
@@ -166,6 +170,7 @@ def main() -> None:
             server = ServerProcess(["serve", "--cluster", str(cluster), "--models", str(models),
                                     "--exec-type", et, "--port", "0", "--keep-alive",
                                     _num(args.keep_alive), "--lifecycle-log", str(lifecycle),
+                                    "--kv-cache-mb", str(args.kv_cache_mb),
                                     "--cluster-backend", args.cluster_backend],
                                    folder / "serve.log", timeout=600)
             try:

@@ -11,8 +11,9 @@
 # Serves on http://127.0.0.1:${PORT:-8000} until Ctrl-C.
 # Environment: PORT (default 8000), KEEP_ALIVE (default 30), CLUSTER_BACKEND (local, the
 # default, or kubernetes: a real cluster, not available yet); EXPR 1 also PER_APP (endpoints
-# per application per model; default 64, the paper's 384 endpoints) and OUT (results folder;
-# default results/end2end): use the same values for end2end.sh.
+# per application per model; default 64, the paper's 384 endpoints), OUT (results folder;
+# default results/end2end; use the same PER_APP and OUT for end2end.sh) and KV_CACHE_MB (KV
+# cache per worker, default 512).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 EXPR EXEC_TYPE MODEL_SET BACKEND [CV REQ_RATE]" >&2; exit 2
@@ -35,7 +36,8 @@ if [ "$EXPR" = "1" ]; then
   "${e2e[@]}" --write-configs "$conf"
   exec hydraserve serve --cluster "$conf/cluster.yaml" --models "$conf/models.yaml" \
     --exec-type "$EXEC_TYPE" --port "${PORT:-8000}" --keep-alive "${KEEP_ALIVE:-30}" \
-    --lifecycle-log "$run/lifecycle.jsonl" --cluster-backend "${CLUSTER_BACKEND:-local}"
+    --lifecycle-log "$run/lifecycle.jsonl" --kv-cache-mb "${KV_CACHE_MB:-512}" \
+    --cluster-backend "${CLUSTER_BACKEND:-local}"
 fi
 if [ "$EXPR" != "0" ]; then
   echo "EXPR $EXPR: choose 0 (cold start) or 1 (end to end)" >&2; exit 2

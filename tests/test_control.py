@@ -174,3 +174,26 @@ def test_the_cluster_protocol_declares_what_the_control_plane_calls():
     assert called and called <= declared, f"not in the protocol: {called - declared}"
     missing = [n for n in declared if not callable(getattr(LocalCluster, n, None))]
     assert not missing
+
+
+def test_a_sequence_no_worker_can_hold_is_refused_with_400(llama_dir):
+    """Refused at the gateway, before it reaches (and fails) an instance."""
+    from fastapi.testclient import TestClient
+
+    from hydraserve.gateway.app import Gateway, create_app
+
+    cfg = default_local_cluster()
+    cluster = LocalCluster(cfg)
+    try:
+        gateway = Gateway(GatewayConfig(kv_cache_mb=1), cfg, cluster, [])
+        client = TestClient(create_app(gateway))  # no lifespan: nothing is started
+        client.post("/admin/models", json={"name": "m", "path": llama_dir})
+        kv = gateway.controller.endpoints["m"].kv_tokens
+        assert kv == 1024  # 1 MiB / (2 x 4 layers x 2 heads x 16 dims x 4 bytes) per token
+        r = client.post("/v1/completions", json={"model": "m", "prompt": [5] * 20,
+                                                 "max_tokens": kv - 19})
+        assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "max_tokens"
+        assert not gateway.controller.endpoints["m"].queue
+    finally:
+        cluster.close()

@@ -34,6 +34,8 @@ from hydraserve.control.snapshot import (MAX_GROUP, ModelInfo, NodeSnapshot, Pla
                                          PlacementRequest)
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks  # torch-free
 
+KV_BLOCK_SIZE = EngineConfig.block_size  # the workers' block size (WorkerSpec's default)
+
 log = logging.getLogger("hydraserve.control")
 
 
@@ -54,6 +56,11 @@ class Endpoint:
     @property
     def name(self) -> str:
         return self.entry.name
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens one worker's KV cache holds (a sequence longer than this cannot run)."""
+        return self.num_kv_blocks * KV_BLOCK_SIZE
 
 
 class Controller:

@@ -155,6 +155,14 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         asked = (getattr(body, "max_completion_tokens", None) or body.max_tokens
                  or (gw.max_new_tokens if chat else 16))
         max_tokens = min(asked, room, gw.max_new_tokens)
+        kv_tokens = gateway.controller.endpoints[body.model].kv_tokens
+        if gw.engine == "hydraserve" and len(prompt) + max_tokens > kv_tokens:
+            # a worker could never hold this sequence: refuse it here instead of failing the
+            # instance that would take it
+            return _openai_error(400, f"the prompt ({len(prompt)} tokens) and max_tokens "
+                                 f"({max_tokens}) need {len(prompt) + max_tokens} tokens of KV "
+                                 f"cache; a worker of {body.model} holds {kv_tokens} "
+                                 "(raise `serve --kv-cache-mb`)", "max_tokens")
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                   "seed": body.seed, "ignore_eos": body.ignore_eos}
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
