@@ -1,0 +1,132 @@
+"""Figure 9: total TTFT SLO attainment of the four execution types, ours beside the paper's.
+
+    python ae_scripts/figure9.py [--results DIR] [--paper DIR] [--out DIR] [--json]
+
+One panel per CV (2, 4, 8, plus any other CV we ran), x = request rate (0.6, 0.7, 0.8 req/s,
+plus any other rate we ran at that CV), a group of four bars per rate: Serverless vLLM,
+ServerlessLLM, HydraServe, HydraServe + cache. Each bar is the value of one setting:
+
+  * ours, solid (source "real") or dotted (source "sim"), from
+    `<results>/<exec_type>-cv<CV>-rate<RATE>/summary.json` ("real" wins over "sim" when both
+    exist, then the newest summary); the paper's value is a black tick across the bar;
+  * the paper's value alone, white with coloured hatching, where we have no run (the artifact
+    likewise falls back to its pre-computed results).
+
+Writes `<out>/figure9.pdf` and `<out>/figure9.png`, prints a table (ours vs paper), and with
+`--json` prints as the last stdout line
+`{"rows": [{"exec_type", "cv", "rate", "ttft_attainment", "tpot_attainment", "source",
+"paper_ttft_attainment"}]}`, one row per bar drawn (percent; source "real", "sim" or "paper";
+tpot_attainment null when not measured; paper_ttft_attainment null where the paper has none).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import end2end_results as e2e  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+Row = dict[str, Any]
+
+
+def build_rows(runs: Mapping[e2e.Key, e2e.Run], paper: Mapping[e2e.Key, float]) -> list[Row]:
+    """One row per bar: our run's value where we have one, else the paper's."""
+    ours = {k: r for k, r in runs.items() if k[0] in e2e.EXEC_TYPES and r.ttft() is not None}
+    cvs = sorted({k[1] for k in paper} | {k[1] for k in ours})
+    rows: list[Row] = []
+    for cv in cvs:
+        rates = sorted({k[2] for k in (*paper, *ours) if k[1] == cv})
+        for rate in rates:
+            for et in e2e.EXEC_TYPES:
+                k = e2e.key(et, cv, rate)
+                pv = paper.get(k)
+                if k in ours:
+                    run = ours[k]
+                    rows.append({"exec_type": et, "cv": cv, "rate": rate,
+                                 "ttft_attainment": run.ttft(), "tpot_attainment": run.tpot(),
+                                 "source": run.source, "paper_ttft_attainment": pv})
+                elif pv is not None:
+                    rows.append({"exec_type": et, "cv": cv, "rate": rate, "ttft_attainment": pv,
+                                 "tpot_attainment": None, "source": e2e.PAPER,
+                                 "paper_ttft_attainment": pv})
+    return rows
+
+
+def plot(rows: Sequence[Row]) -> Figure:
+    """One panel per CV; groups of the four execution types per rate; paper ticks on our bars."""
+    cvs = sorted({r["cv"] for r in rows}) or list(e2e.PAPER_CVS)
+    fig, axes = plt.subplots(1, len(cvs), squeeze=False, sharey=True,
+                             figsize=(max(5.0, 3.8 * len(cvs)), 4.4))
+    slot = 0.8 / len(e2e.EXEC_TYPES)
+    for ax, cv in zip(axes[0], cvs):
+        rates = sorted({r["rate"] for r in rows if r["cv"] == cv})
+        for r in (r for r in rows if r["cv"] == cv):
+            j = e2e.EXEC_TYPES.index(r["exec_type"])
+            x = rates.index(r["rate"]) - 0.4 + (j + 0.5) * slot
+            color = e2e.COLORS[r["exec_type"]]
+            ax.bar(x, r["ttft_attainment"], slot * 0.9, **e2e.bar_style(r["source"], color))
+            pv = r["paper_ttft_attainment"]
+            if r["source"] != e2e.PAPER and pv is not None:
+                ax.hlines(pv, x - slot * 0.5, x + slot * 0.5, colors="black", linewidth=2.0,
+                          zorder=3)
+        ax.set_xticks(range(len(rates)), [f"{e2e.num(rt)} req/s" for rt in rates])
+        ax.set_xlim(-0.5, max(len(rates), 1) - 0.5)
+        ax.set_ylim(0, 105)
+        ax.set_title(f"CV {e2e.num(cv)}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0][0].set_ylabel("TTFT SLO attainment (%)")
+    fig.legend(handles=e2e.bar_legend(), loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=4,
+               fontsize=8, frameon=False)
+    what = e2e.ours_label(r["source"] for r in rows)
+    fig.suptitle(f"Figure 9: total TTFT SLO attainment, {what} vs paper (NSDI'26)",
+                 fontsize=11, y=0.99, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 0.85))
+    return fig
+
+
+def report(rows: Sequence[Row]) -> str:
+    """Ours vs the paper, one line per bar."""
+    lines = []
+    for r in rows:
+        ours = r["ttft_attainment"] if r["source"] != e2e.PAPER else None
+        pv = r["paper_ttft_attainment"]
+        lines.append([e2e.num(r["cv"]), e2e.num(r["rate"]), e2e.LABELS[r["exec_type"]],
+                      r["source"], e2e.fmt(ours), e2e.fmt(pv),
+                      e2e.fmt(ours - pv if ours is not None and pv is not None else None),
+                      e2e.fmt(r["tpot_attainment"])])
+    return e2e.table(["cv", "rate", "exec type", "source", "ours %", "paper %", "ours-paper",
+                      "ours TPOT %"], lines, left=4)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = e2e.parser(__doc__, figure="figure9").parse_args(argv)
+    runs = e2e.load_runs(args.results)
+    ignored = sorted({f"{r.exec_type} (cv {e2e.num(r.cv)}, rate {e2e.num(r.rate)})"
+                      for r in runs.values()
+                      if r.exec_type not in e2e.EXEC_TYPES or r.ttft() is None})
+    if ignored:
+        print(f"note: not in Figure 9 (other exec type or no TTFT attainment): "
+              f"{', '.join(ignored)}")
+    if not runs:
+        print(f"no runs under {args.results}: plotting the paper's values only")
+    rows = build_rows(runs, e2e.load_paper_fig9(args.paper))
+    fig = plot(rows)
+    paths = e2e.save(fig, args.out, "figure9")
+    plt.close(fig)
+    print("Figure 9: total TTFT SLO attainment (%), ours vs paper "
+          "(source 'paper': no run, the paper's value is shown)")
+    print(report(rows))
+    print(f"wrote {', '.join(map(str, paths))}")
+    if args.json:
+        e2e.emit_json({"rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
