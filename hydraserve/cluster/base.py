@@ -1,6 +1,7 @@
 """The cluster backend protocol: the control plane starts and stops workers only through it."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,33 +57,79 @@ def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
     return args
 
 
+class WorkerError(RuntimeError):
+    """A worker refused or failed a call; ``status`` is its HTTP-like status (400: the request
+    itself is invalid and the worker is fine; anything else: the worker is broken)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+class WorkerClient(Protocol):
+    """One started worker's control API, the only way the control plane reaches a worker.
+
+    ``health`` answers ``{"stage_port", "timeline": {event: s}, "standalone", "state",
+    "error"}``; ``generate`` yields ``{"token_id", "finish_reason"}`` items, or one
+    ``{"error"}`` item when generation fails mid-stream, and raises `WorkerError` when the
+    worker refuses the request."""
+
+    host: str  # where its stage port listens (peers connect there)
+    url: str | None  # its control API (None where it has none, as in the simulator)
+
+    async def health(self) -> dict: ...
+
+    async def init(self, peers: list[dict]) -> None: ...
+
+    def generate(self, body: dict) -> AsyncIterator[dict]: ...
+
+    async def consolidate(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class ClusterBackend(Protocol):
-    """What the control plane and the gateway call on a cluster. ``start`` and ``close`` may
-    block (processes, API calls): async callers run them in an executor."""
+    """Where workers run: everything the control plane and the gateway call on a cluster.
+
+    ``start`` and ``close`` may block (processes, API calls): async callers run them in an
+    executor. The async methods run on the control plane's event loop (in the simulator a
+    virtual-time loop: they must neither block nor start threads); ``aclose`` releases what
+    they hold, before ``close``."""
 
     def start(self) -> None:
         """Bring up the cluster's shared services (store, agents); workers come later."""
 
+    def close(self) -> None: ...
+
     def nodes(self) -> tuple[ServerConfig, ...]: ...
 
-    def store_url(self) -> str: ...
-
-    def agent_url(self, node: str) -> str: ...
-
-    def agent_urls(self) -> dict[str, str]: ...
+    def agent_urls(self) -> dict[str, str]:
+        """Each node's storage agent API, for operators ({} where there is none)."""
 
     def register_model(self, name: str, path: str) -> None: ...
 
     def unregister_model(self, name: str) -> None: ...
 
-    def start_worker(self, spec: WorkerSpec) -> None:
+    async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
+        """The decoder layers [start, end) of each of the p stages of ``model``."""
+
+    async def prefetch(self, node: str, model: str, kind: str, p: int, rank: int) -> None:
+        """Order ``node``'s storage agent to pull an image (kind "stage", "full") now."""
+
+    async def cached_models(self, node: str) -> set[str]:
+        """Models whose whole image ``node`` holds in host memory."""
+
+    async def warm_cache(self, model: str) -> None:
+        """Put ``model`` whole in every node's host cache and wait until it is there."""
+
+    async def start_worker(self, spec: WorkerSpec) -> None:
         """Begin starting the worker; returns without waiting for it."""
 
-    def wait_worker(self, worker_id: str, timeout: float) -> str:
-        """Block until the worker serves its control API; return its URL."""
+    async def wait_worker(self, worker_id: str, timeout: float) -> WorkerClient:
+        """Wait until the worker serves its control API; return its client."""
 
-    def stop_worker(self, worker_id: str) -> None: ...
+    async def stop_worker(self, worker_id: str) -> None: ...
 
     def worker_alive(self, worker_id: str) -> bool: ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None: ...

@@ -6,6 +6,7 @@ GPU memory is a budget kept by the control plane's accounting.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ import threading
 from pathlib import Path
 
 from hydraserve.cluster.base import WorkerSpec, worker_args
+from hydraserve.cluster.http import HttpApi, HttpWorker
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.launch import ServerProcess
 
@@ -31,6 +33,7 @@ class LocalCluster:
         self._agents: dict[str, ServerProcess] = {}
         self._workers: dict[str, ServerProcess] = {}
         self._lock = threading.Lock()
+        self._api = HttpApi()
 
     def start(self) -> None:
         scale = self.cfg.scale.size_scale
@@ -69,14 +72,40 @@ class LocalCluster:
         if link.is_symlink():
             link.unlink()
 
-    def start_worker(self, spec: WorkerSpec) -> None:
+    # -- what the control plane calls on its loop (blocking steps run in an executor) ---------
+    async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
+        body = await self._api.get(f"{self.store_url()}/models/{model}/layout?p={p}")
+        return [tuple(s["layers"]) for s in body["stages"]]
+
+    async def prefetch(self, node: str, model: str, kind: str, p: int, rank: int) -> None:
+        await self._api.post(self.agent_url(node) + "/prefetch",
+                             {"model": model, "kind": kind, "p": p, "rank": rank})
+
+    async def cached_models(self, node: str) -> set[str]:
+        return set((await self._api.get(self.agent_url(node) + "/cache")).get("models", ()))
+
+    async def warm_cache(self, model: str) -> None:
+        await asyncio.gather(*(self.prefetch(s.name, model, "full", 1, 0)
+                               for s in self.cfg.servers))
+        for s in self.cfg.servers:
+            url = self.agent_url(s.name)
+            for r in (await self._api.get(url + "/regions"))["regions"]:
+                if r["model"] == model:
+                    await self._api.get(f"{url}/regions/{r['id']}?wait=1")
+
+    async def start_worker(self, spec: WorkerSpec) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._start_worker, spec)
+
+    def _start_worker(self, spec: WorkerSpec) -> None:
         args = worker_args(spec, self.agent_url(spec.node))
         proc = ServerProcess(args, self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
         with self._lock:
             self._workers[spec.worker_id] = proc
 
-    def wait_worker(self, worker_id: str, timeout: float = 120.0) -> str:
-        return self._workers[worker_id].wait_ready(timeout)
+    async def wait_worker(self, worker_id: str, timeout: float = 120.0) -> HttpWorker:
+        url = await asyncio.get_running_loop().run_in_executor(
+            None, self._workers[worker_id].wait_ready, timeout)
+        return HttpWorker(self._api, url)
 
     def worker_alive(self, worker_id: str) -> bool:
         proc = self._workers.get(worker_id)
@@ -85,15 +114,21 @@ class LocalCluster:
     def worker_pid(self, worker_id: str) -> int:
         return self._workers[worker_id].proc.pid
 
-    def stop_worker(self, worker_id: str) -> None:
+    async def stop_worker(self, worker_id: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_worker, worker_id)
+
+    def _stop_worker(self, worker_id: str) -> None:
         with self._lock:
             proc = self._workers.pop(worker_id, None)
         if proc is not None:
             proc.stop(timeout=10)
 
+    async def aclose(self) -> None:
+        await self._api.close()
+
     def close(self) -> None:
         for wid in list(self._workers):
-            self.stop_worker(wid)
+            self._stop_worker(wid)
         for a in self._agents.values():
             a.stop()
         if self._store:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
-from hydraserve.cluster.base import ClusterBackend, WorkerSpec
+from hydraserve.cluster.base import ClusterBackend, WorkerError, WorkerSpec
 from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
 from hydraserve.control.gpu import GpuLedger
 from hydraserve.control.instance import Instance, InstanceState, Request, Stage
@@ -65,8 +63,13 @@ class Endpoint:
 
 class Controller:
     def __init__(self, cluster: ClusterBackend, cluster_cfg: ClusterConfig, gw: GatewayConfig,
-                 preset: Preset):
+                 preset: Preset, clock: Callable[[], float] = time.monotonic,
+                 lifecycle_clock: Callable[[], float] = time.time):
+        """``clock`` (monotonic seconds) times everything the control plane decides on; the
+        simulator passes its virtual-time loop's clock. ``lifecycle_clock`` stamps the
+        lifecycle log (the wall clock, the replay's time axis, by default)."""
         self.cluster, self.cluster_cfg, self.gw, self.preset = cluster, cluster_cfg, gw, preset
+        self.clock = clock
         self.gpus = GpuLedger({s.name: list(s.gpus) for s in cluster_cfg.servers},
                               share=preset.share_gpus and cluster_cfg.share)
         self.nics = NicLedger({s.name: s.nic_gbps for s in cluster_cfg.servers})
@@ -77,14 +80,13 @@ class Controller:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
-        self.session: aiohttp.ClientSession | None = None
         self._closing = False
-        self.lifecycle = LifecycleLog(gw.lifecycle_log) if gw.lifecycle_log else None
+        self._snap: tuple[float, tuple[NodeSnapshot, ...]] | None = None  # see _snapshot
+        self.lifecycle = LifecycleLog(gw.lifecycle_log, lifecycle_clock) \
+            if gw.lifecycle_log else None
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None,
-                                                                           sock_connect=10))
         self._loop_task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
@@ -98,8 +100,7 @@ class Controller:
         for ep in self.endpoints.values():
             for req in ep.queue:
                 req.events.put_nowait({"error": "the server is shutting down", "status": 503})
-        if self.session:
-            await self.session.close()
+        await self.cluster.aclose()
         if self.lifecycle:
             self.lifecycle.close()
 
@@ -117,10 +118,11 @@ class Controller:
         self._wake.set()
 
     # -- models ------------------------------------------------------------------------------------
-    def register(self, entry: ModelConfigEntry) -> Endpoint:
-        """Make a model servable (idempotent for the same entry)."""
+    def register(self, entry: ModelConfigEntry, model_cfg: ModelConfig | None = None) -> Endpoint:
+        """Make a model servable (idempotent for the same entry). ``model_cfg`` stands in for
+        the model directory where there is none (the simulator; then ``size_gb`` is needed)."""
         path = Path(entry.path)
-        cfg = ModelConfig.from_dir(path)  # validates the directory; torch-free
+        cfg = model_cfg or ModelConfig.from_dir(path)  # validates the directory; torch-free
         size = entry.size_gb
         if size is None:
             nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -137,14 +139,7 @@ class Controller:
 
     async def warm_cache(self, name: str) -> None:
         """Put the whole model in every server's host cache (ServerlessLLM with cached model)."""
-        await asyncio.gather(*(self._post(self.cluster.agent_url(s.name), "/prefetch",
-                                          {"model": name, "kind": "full"})
-                               for s in self.cluster_cfg.servers))
-        for s in self.cluster_cfg.servers:
-            url = self.cluster.agent_url(s.name)
-            for r in (await self._get(url, "/regions"))["regions"]:
-                if r["model"] == name:
-                    await self._get(url, f"/regions/{r['id']}?wait=1")
+        await self.cluster.warm_cache(name)
         await self._refresh_cache()
 
     async def unregister(self, name: str) -> None:
@@ -178,12 +173,15 @@ class Controller:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            now = time.monotonic()
+            self._snap = None
+            now = self.clock()
             if self.preset.cache and now - last_cache_check > 1.0:
                 last_cache_check = now  # what the agents hold changes behind our back (LRU)
                 self._spawn(self._refresh_cache())
             self.nics.advance(now)
             for ep in list(self.endpoints.values()):
+                if not ep.queue and not ep.instances:
+                    continue  # nothing to do (most endpoints, most of the time)
                 try:
                     self._reconcile(ep, now)
                 except Exception:  # noqa: BLE001 - one endpoint must not stop the loop
@@ -210,10 +208,17 @@ class Controller:
                 self._spawn(self._stop_instance(inst, InstanceState.STOPPED))
 
     def _snapshot(self, now: float) -> tuple[NodeSnapshot, ...]:
-        return tuple(NodeSnapshot(name=s.name, gpus=self.gpus.snapshot_gpus(s.name),
+        # One snapshot serves every endpoint of a tick (the reconcile loop is synchronous, so
+        # only a claim in it changes the ledgers); hundreds of waiting endpoints would otherwise
+        # rebuild it each.
+        if self._snap is not None and self._snap[0] == now:
+            return self._snap[1]
+        snap = tuple(NodeSnapshot(name=s.name, gpus=self.gpus.snapshot_gpus(s.name),
                                   nic_gbps=s.nic_gbps, offered_gbps=self.nics.offered(s.name, now),
                                   cached_models=frozenset(self.cached.get(s.name, ())))
                      for s in self.cluster_cfg.servers)
+        self._snap = (now, snap)
+        return snap
 
     def placement_request(self, ep: Endpoint, now: float, wanted: int) -> PlacementRequest:
         """What placement decides on now; NIC admission books fetches from the same object, so
@@ -252,6 +257,7 @@ class Controller:
 
     def _claim(self, ep: Endpoint, placement: Placement, req: PlacementRequest,
                now: float) -> Instance | None:
+        self._snap = None  # the ledgers change below
         iid = f"{ep.name}-{next(self._ids)}"
         stages = []
         try:
@@ -269,7 +275,8 @@ class Controller:
                 s.fetch = self.nics.book(s.node, claim_gbits(ep.size_gb, placement.p), deadline,
                                          now)
         inst = Instance(iid, ep.name, placement, stages,
-                        capacity=self.gw.batch_capacity * placement.p)
+                        capacity=self.gw.batch_capacity * placement.p, created=now,
+                        last_used=now, clock=self.clock)
         ep.instances.append(inst)
         self.instances[iid] = inst
         self._log("created", instance=iid, model=ep.name, p=placement.p, policy=placement.policy,
@@ -284,27 +291,10 @@ class Controller:
     # -- starting ----------------------------------------------------------------------------------
     async def _layout(self, ep: Endpoint, p: int) -> list[tuple[int, int]]:
         if p not in ep.layouts:
-            url = f"{self.cluster.store_url()}/models/{ep.name}/layout?p={p}"
-            async with self.session.get(url) as resp:
-                body = await resp.json()
-                if resp.status != 200:
-                    raise RuntimeError(f"store layout: {body.get('error', resp.status)}")
-            ep.layouts[p] = [tuple(s["layers"]) for s in body["stages"]]
+            ep.layouts[p] = await self.cluster.layout(ep.name, p)
         return ep.layouts[p]
 
-    async def _post(self, url: str, path: str, body: dict | None = None) -> dict:
-        async with self.session.post(url + path, json=body or {}) as resp:
-            out = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise RuntimeError(f"POST {path}: {resp.status} {out.get('error', out)}")
-            return out
-
-    async def _get(self, url: str, path: str) -> dict:
-        async with self.session.get(url + path) as resp:
-            return await resp.json(content_type=None)
-
     async def _start_instance(self, ep: Endpoint, inst: Instance) -> None:
-        loop = asyncio.get_running_loop()
         p = inst.placement.p
         try:
             layers = await self._layout(ep, p)
@@ -313,9 +303,8 @@ class Controller:
             if self.preset.prefetch:
                 inst.mark("prefetch_started")
                 kind = "full" if p == 1 else "stage"
-                await asyncio.gather(*(self._post(self.cluster.agent_url(s.node), "/prefetch", {
-                    "model": ep.name, "kind": kind, "p": p, "rank": s.rank})
-                    for s in inst.stages))
+                await asyncio.gather(*(self.cluster.prefetch(s.node, ep.name, kind, p, s.rank)
+                                       for s in inst.stages))
             for s in inst.stages:
                 spec = WorkerSpec(worker_id=s.worker_id, model=ep.name, node=s.node, rank=s.rank,
                                   p=p, layers=s.layers, all_card=s.all_card,
@@ -325,17 +314,16 @@ class Controller:
                                   streaming_load=self.preset.streaming_load,
                                   gpu_memory_gb=s.claim.gb / self.cluster_cfg.scale.size_scale,
                                   engine=self.gw.engine, vllm_python=self.gw.vllm_python)
-                await loop.run_in_executor(None, self.cluster.start_worker, spec)
+                await self.cluster.start_worker(spec)
             inst.mark("workers_spawned")
-            urls = await asyncio.gather(*(loop.run_in_executor(
-                None, self.cluster.wait_worker, s.worker_id, 180.0) for s in inst.stages))
-            for s, url in zip(inst.stages, urls):
-                s.url = url
-            healths = await asyncio.gather(*(self._get(s.url, "/health") for s in inst.stages))
-            peers = [{"rank": s.rank, "host": "127.0.0.1", "stage_port": h["stage_port"]}
+            clients = await asyncio.gather(*(self.cluster.wait_worker(s.worker_id, 180.0)
+                                             for s in inst.stages))
+            for s, client in zip(inst.stages, clients):
+                s.client = client
+            healths = await asyncio.gather(*(s.client.health() for s in inst.stages))
+            peers = [{"rank": s.rank, "host": s.client.host, "stage_port": h["stage_port"]}
                      for s, h in zip(inst.stages, healths)]
-            await asyncio.gather(*(self._post(s.url, "/init", {"peers": peers})
-                                   for s in inst.stages))
+            await asyncio.gather(*(s.client.init(peers) for s in inst.stages))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the instance failed to start; requests wait on
@@ -344,7 +332,7 @@ class Controller:
             await self._stop_instance(inst, InstanceState.FAILED)
             return
         inst.state = InstanceState.READY
-        inst.last_used = time.monotonic()
+        inst.last_used = self.clock()
         inst.mark("ready")
         self._log("ready", instance=inst.id)
         self.wake()
@@ -358,8 +346,8 @@ class Controller:
         while pending and inst.state is InstanceState.READY:
             for s in list(pending):
                 try:
-                    h = await self._get(s.url, "/health")
-                except aiohttp.ClientError:
+                    h = await s.client.health()
+                except WorkerError:  # gone: it holds no booking any more
                     h = {"timeline": {"weights_ready": True}}
                 if "weights_ready" in h.get("timeline", {}):
                     self._release_fetch(s)
@@ -390,8 +378,8 @@ class Controller:
         booked = []
         for s in all_card:
             while inst.state is InstanceState.READY:
-                self.nics.advance(time.monotonic())
-                fetch = self.nics.exclusive(s.node, rest_gbits, time.monotonic())
+                self.nics.advance(self.clock())
+                fetch = self.nics.exclusive(s.node, rest_gbits, self.clock())
                 if fetch is not None:
                     booked.append(Stage(s.rank, s.node, True, s.claim, s.worker_id, fetch=fetch))
                     break
@@ -402,10 +390,10 @@ class Controller:
             return
         inst.mark("consolidation_started")
         try:
-            await asyncio.gather(*(self._post(s.url, "/consolidate") for s in all_card))
+            await asyncio.gather(*(s.client.consolidate() for s in all_card))
             for s in all_card:
                 while True:
-                    h = await self._get(s.url, "/health")
+                    h = await s.client.health()
                     if h.get("standalone"):
                         break
                     if h.get("state") == "failed" or h.get("error"):
@@ -416,14 +404,13 @@ class Controller:
             for b in booked:
                 self._release_fetch(b)
             return
-        loop = asyncio.get_running_loop()
         for b in booked:
             self._release_fetch(b)
         head, others = inst.stages[0], [s for s in inst.stages[1:]]
         for s in others:
             self._release_fetch(s)
             if not s.all_card:
-                await loop.run_in_executor(None, self.cluster.stop_worker, s.worker_id)
+                await self.cluster.stop_worker(s.worker_id)
                 self.gpus.release(s.claim)
         inst.stages = [head]
         inst.capacity = self.gw.batch_capacity
@@ -434,10 +421,12 @@ class Controller:
             if s.all_card:  # a standalone worker of its own now
                 iid = f"{ep.name}-{next(self._ids)}"
                 split.append({"rank": s.rank, "instance": iid})
+                now = self.clock()
                 solo = Instance(iid, ep.name, inst.placement, [Stage(0, s.node, True, s.claim,
-                                                                      s.worker_id, s.layers, s.url)],
+                                                                      s.worker_id, s.layers,
+                                                                      s.client)],
                                 capacity=self.gw.batch_capacity, state=InstanceState.READY,
-                                consolidated=True)
+                                consolidated=True, created=now, last_used=now, clock=self.clock)
                 solo.mark("ready")
                 ep.instances.append(solo)
                 self.instances[iid] = solo
@@ -456,21 +445,9 @@ class Controller:
         body = {"prompt_ids": req.prompt_ids, **req.params}
         ended = False
         try:
-            async with self.session.post(inst.head.url + "/generate", json=body) as resp:
-                if resp.status != 200:
-                    text = await resp.json(content_type=None)
-                    status = 400 if resp.status == 400 else 503
-                    req.events.put_nowait({"error": text.get("error", str(resp.status)),
-                                           "status": status})
-                    ended = True
-                    if resp.status != 400:
-                        raise RuntimeError(text.get("error", resp.status))
-                    return
-                async for line in resp.content:
-                    if not line.strip():
-                        continue
-                    item = json.loads(line)
-                    now = time.monotonic()
+            try:
+                async for item in inst.head.client.generate(body):
+                    now = self.clock()
                     if "error" in item:
                         req.events.put_nowait({"error": item["error"], "status": 500})
                         ended = True
@@ -484,6 +461,15 @@ class Controller:
                     if item.get("finish_reason"):
                         ended = True
                         return
+            except WorkerError as e:
+                if e.status == 400:  # the request is invalid; the instance is fine
+                    req.events.put_nowait({"error": str(e), "status": 400})
+                    ended = True
+                    return
+                if not ended:
+                    req.events.put_nowait({"error": str(e), "status": 503})
+                    ended = True
+                raise
             if not ended:
                 raise RuntimeError("the worker closed the stream early")
         except asyncio.CancelledError:
@@ -497,7 +483,7 @@ class Controller:
                 self._spawn(self._stop_instance(inst, InstanceState.FAILED))
         finally:
             inst.active -= 1
-            inst.last_used = time.monotonic()
+            inst.last_used = self.clock()
             self._log("request_end", instance=inst.id, model=inst.model, request=req.id,
                       tokens=req.tokens)
             self.wake()
@@ -507,14 +493,13 @@ class Controller:
         if inst.state in (InstanceState.STOPPING, InstanceState.STOPPED):
             return
         inst.state = InstanceState.STOPPING
-        loop = asyncio.get_running_loop()
         for s in inst.stages:
-            if s.url:
+            if s.client is not None:
                 try:
-                    await asyncio.wait_for(self._post(s.url, "/stop"), 5)
+                    await asyncio.wait_for(s.client.stop(), 5)
                 except Exception:  # noqa: BLE001 - it may be dead already; stop_worker kills
                     pass
-            await loop.run_in_executor(None, self.cluster.stop_worker, s.worker_id)
+            await self.cluster.stop_worker(s.worker_id)
             self._release_fetch(s)
             self.gpus.release(s.claim)
         inst.state = final
@@ -531,9 +516,8 @@ class Controller:
     async def _refresh_cache(self) -> None:
         for s in self.cluster_cfg.servers:
             try:
-                held = await self._get(self.cluster.agent_url(s.name), "/cache")
-                self.cached[s.name] = set(held.get("models", ()))
-            except aiohttp.ClientError:
+                self.cached[s.name] = await self.cluster.cached_models(s.name)
+            except WorkerError:
                 pass
 
     def describe(self) -> dict:

@@ -4,11 +4,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hydraserve.control.gpu import Claim
 from hydraserve.control.network import Fetch
 from hydraserve.control.snapshot import Placement
+
+if TYPE_CHECKING:
+    from hydraserve.cluster.base import WorkerClient
 
 
 class InstanceState(enum.Enum):
@@ -45,7 +50,7 @@ class Stage:
     claim: Claim
     worker_id: str
     layers: tuple[int, int] = (0, 0)
-    url: str | None = None
+    client: WorkerClient | None = None  # once the worker serves
     fetch: Fetch | None = None
 
 
@@ -63,6 +68,7 @@ class Instance:
     consolidated: bool = False
     timeline: dict[str, float] = field(default_factory=dict)  # seconds since created
     error: str | None = None
+    clock: Callable[[], float] = time.monotonic  # the control plane's (created is on it)
 
     @property
     def head(self) -> Stage:
@@ -73,7 +79,7 @@ class Instance:
         return max(0, self.capacity - self.active) if self.state is InstanceState.READY else 0
 
     def mark(self, event: str) -> None:
-        self.timeline.setdefault(event, round(time.monotonic() - self.created, 4))
+        self.timeline.setdefault(event, round(self.clock() - self.created, 4))
 
     def describe(self) -> dict:
         return {"id": self.id, "model": self.model, "state": self.state.value,
@@ -84,6 +90,7 @@ class Instance:
                 "from_cache": self.placement.from_cache, "error": self.error,
                 "stages": [{"rank": s.rank, "node": s.node, "gpu": s.claim.gpu,
                             "reserved_gb": s.claim.gb, "all_card": s.all_card,
-                            "layers": list(s.layers), "worker": s.worker_id, "url": s.url}
+                            "layers": list(s.layers), "worker": s.worker_id,
+                            "url": s.client.url if s.client is not None else None}
                            for s in self.stages],
                 "timeline": self.timeline}

@@ -1,0 +1,84 @@
+"""The control plane's HTTP side for backends whose workers, agents and store serve HTTP
+(local processes, Kubernetes pods): a `WorkerClient` over a worker's control API and the calls
+to agents and the store, on one aiohttp session opened on the control plane's loop."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from hydraserve.cluster.base import WorkerError
+
+
+class HttpApi:
+    """JSON calls on one lazily opened aiohttp session (it must live on the running loop)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            self._loop = loop  # a session belongs to one loop (a test may run several)
+        return self._session
+
+    async def post(self, url: str, body: dict | None = None) -> dict:
+        return await self._call("POST", url, body or {})
+
+    async def get(self, url: str) -> dict:
+        return await self._call("GET", url, None)
+
+    async def _call(self, method: str, url: str, body: dict | None) -> dict:
+        """The decoded answer; an error status or a broken connection is a `WorkerError`
+        (503 when nothing answered)."""
+        try:
+            async with self.session.request(method, url, json=body) as resp:
+                out = await resp.json(content_type=None)
+                if resp.status >= 400:
+                    err = out.get("error", out) if isinstance(out, dict) else out
+                    raise WorkerError(f"{method} {url}: {resp.status} {err}", resp.status)
+                return out
+        except (aiohttp.ClientError, ValueError) as e:
+            raise WorkerError(f"{method} {url}: {type(e).__name__}: {e}", 503) from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class HttpWorker:
+    """`WorkerClient` of a worker serving its control API at ``url``."""
+
+    def __init__(self, api: HttpApi, url: str, host: str = "127.0.0.1"):
+        self.api, self.url, self.host = api, url, host
+
+    async def health(self) -> dict:
+        return await self.api.get(self.url + "/health")
+
+    async def init(self, peers: list[dict]) -> None:
+        await self.api.post(self.url + "/init", {"peers": peers})
+
+    async def consolidate(self) -> None:
+        await self.api.post(self.url + "/consolidate")
+
+    async def stop(self) -> None:
+        await self.api.post(self.url + "/stop")
+
+    async def generate(self, body: dict) -> AsyncIterator[dict]:
+        try:
+            async with self.api.session.post(self.url + "/generate", json=body) as resp:
+                if resp.status != 200:
+                    out = await resp.json(content_type=None)
+                    raise WorkerError(str(out.get("error", resp.status)), resp.status)
+                async for line in resp.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except aiohttp.ClientError as e:
+            raise WorkerError(f"the stream from {self.url} broke: {e}", 503) from None
