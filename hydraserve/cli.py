@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_serve(sub)
     _add_workload(sub)
+    from hydraserve.sim.commands import add_sim_parser
+
+    add_sim_parser(sub)
     return parser
 
 

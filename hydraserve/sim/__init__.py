@@ -1,0 +1,1 @@
+"""The simulator: the real control plane on a virtual-time event loop, a simulated cluster."""
