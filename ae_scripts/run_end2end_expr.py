@@ -14,6 +14,11 @@ results go to `<out>/<exec_type>-cv<CV>-rate<RATE>/` (trace.jsonl, replay.jsonl,
 lifecycle.jsonl, summary.json). The defaults are the paper's (64 endpoints per application per
 model, one hour, outputs up to 1024 tokens); flags shrink a run to a small machine.
 
+`--sim`: the same setting through the simulator (`hydraserve sim`, the real control plane on
+a simulated cluster in virtual time) at the paper's scale (the full-size hybrid testbed, GPU
+cost model) in seconds; results go to `<out>/<exec_type>-cv<CV>-rate<RATE>-sim/`.
+`--sweep` with `--sim`: every CV (2, 4, 8) x rate (0.6, 0.7, 0.8) x execution type.
+
 Client mode (what ae_scripts/end2end.sh runs): `--url URL` replays against a server started by
 `ae_scripts/start_server.sh 1 ...` (whose lifecycle log is in the same run folder).
 `--write-configs DIR` only writes the cluster and models YAML for one execution type;
@@ -49,8 +54,8 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def run_dir(out: Path, exec_type: str, cv: float, rate: float) -> Path:
-    return out / f"{exec_type}-cv{_num(cv)}-rate{_num(rate)}"
+def run_dir(out: Path, exec_type: str, cv: float, rate: float, sim: bool = False) -> Path:
+    return out / f"{exec_type}-cv{_num(cv)}-rate{_num(rate)}{'-sim' if sim else ''}"
 
 
 def write_configs(out: Path, exec_type: str, per_app: int, models_dir: Path) -> tuple[Path, Path]:
@@ -138,6 +143,11 @@ def main() -> None:
     ap.add_argument("--run-dir", action="store_true", help="print the run folder and exit")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local")
+    ap.add_argument("--sim", action="store_true",
+                    help="simulate instead of running: the paper's full-scale testbed in "
+                         "virtual time")
+    ap.add_argument("--sweep", action="store_true",
+                    help="with --sim: CV 2, 4, 8 x rate 0.6, 0.7, 0.8 (the paper's 36 runs)")
     args = ap.parse_args()
     exec_types = args.exec_types.split(",")
     bad = [e for e in exec_types if e not in EXEC_TYPES]
@@ -153,6 +163,21 @@ def main() -> None:
         return
     from hydraserve.workload.commands import format_summary
 
+    if args.sim:
+        settings = [(cv, rate) for cv in (2, 4, 8) for rate in (0.6, 0.7, 0.8)] \
+            if args.sweep else [(args.cv, args.rate)]
+        for cv, rate in settings:
+            args.cv, args.rate = cv, rate
+            for et in exec_types:
+                folder = run_dir(out, et, cv, rate, sim=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                make_trace(folder / "trace.jsonl", args)
+                hydraserve("sim", str(folder / "trace.jsonl"), "--exec-type", et, "--out",
+                           str(folder), "--keep-alive", _num(args.keep_alive))
+                (folder / "trace.jsonl").unlink()  # made again from the seed in seconds
+        if not args.no_figure:
+            draw(out)
+        return
     summaries = []
     for et in exec_types:
         folder = run_dir(out, et, args.cv, args.rate)
@@ -184,9 +209,13 @@ def main() -> None:
     for s in summaries:
         print(format_summary(s))
     if not args.no_figure and not args.url:
-        for fig in ("figure9.py", "figure11.py", "figure13.py"):
-            subprocess.run([sys.executable, str(ROOT / "ae_scripts" / fig), "--results",
-                            str(out)], check=False)
+        draw(out)
+
+
+def draw(results: Path) -> None:
+    for fig in ("figure9.py", "figure11.py", "figure13.py"):
+        subprocess.run([sys.executable, str(ROOT / "ae_scripts" / fig), "--results",
+                        str(results)], check=False)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,44 @@ def save(rows: list[dict], path: Path) -> None:
         w.writerows(merged)
 
 
+def simulate_rows(backend: str, exec_type: str, models: list[str],
+                  local_cpu: bool = False) -> list[dict]:
+    """One cold start per model through the simulator: at the paper's scale (the full-size
+    testbed, GPU cost model), or with ``local_cpu`` as our scaled local testbed (the cost model
+    of our own workers on a 2-core machine). Deterministic: one trial is every trial."""
+    import dataclasses
+    import logging
+
+    from hydraserve.sim.costmodel import CostModel
+    from hydraserve.sim.run import SimSetting, simulate
+    from hydraserve.workload.make import TraceRecord
+
+    logging.getLogger("hydraserve").setLevel(logging.ERROR)
+    cfg = with_host_caches(testbed(backend, share=SHARE.get(exec_type, True)))
+    rows = []
+    for model in models:
+        gb = PAPER_MODELS[model].paper_gb if model in PAPER_MODELS else 13.0
+        slo = 7.5 if gb <= 15 else 12.0
+        record = TraceRecord(0.0, model, model, "chatbot", 4, 16, slo, 200.0)
+        setting = SimSetting(exec_type, cfg,
+                             CostModel.local_cpu() if local_cpu else CostModel.gpu_default(),
+                             static_p=4 if exec_type == "hydraserve" else None,
+                             sizes_gb=((model, gb),), device="cpu" if local_cpu else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            (res,), _ = simulate([record], dataclasses.replace(setting), tmp)
+        if res["error"] is not None:
+            print(f"{exec_type} {model} on {backend} (sim): FAILED ({res['error']})",
+                  file=sys.stderr)
+            continue
+        row = {"exec_type": exec_type, "model": model, "backend": backend,
+               "ttft_s": round(res["ttft_s"], 4), "tpot_ms": round(res["tpot_ms"] or 0.0, 3),
+               "trials": f"{res['ttft_s']:.3f}", "queue_s": "", "fetch_s": "", "load_s": "",
+               "init_s": "", "first_token_s": ""}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a10 only, two models, keep-alive 2 s")
@@ -198,7 +236,34 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vLLM for the `vllm` exec type (default: "
                          "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
+    ap.add_argument("--sim", action="store_true",
+                    help="simulate the paper's full-scale testbeds instead (seconds; results "
+                         "to results/figure7-sim unless --out; Falcon-7B included)")
+    ap.add_argument("--sim-local", action="store_true",
+                    help="with --sim: simulate our scaled local testbed (the cost model of our "
+                         "workers on this 2-core machine) to check the simulator against the "
+                         "real runs in results/figure7 (default out: results/figure7-simlocal)")
     args = ap.parse_args()
+    if args.sim:
+        out = Path(args.out) if args.out != str(ROOT / "results" / "figure7") \
+            else ROOT / "results" / ("figure7-simlocal" if args.sim_local else "figure7-sim")
+        for backend in args.backends.split(","):
+            names = [m for s_ in args.model_sets.split(",") for m in MODEL_SETS[int(s_)]]
+            names = args.models.split(",") if args.models else names + ["Falcon-7B"] * (
+                "0" in args.model_sets.split(","))
+            fit = [m for m in names
+                   if backend != "a10" or PAPER_MODELS.get(m, PAPER_MODELS["Llama2-7B"]).paper_gb
+                   + 5 <= 22]
+            if args.sim_local:
+                fit = [m for m in fit if m in PAPER_MODELS]  # the stand-ins we ran
+            for et in [e for e in args.exec_types.split(",") if e != "vllm"]:
+                save(simulate_rows(backend, et, fit, args.sim_local), out / f"{backend}.csv")
+        if not args.no_figure:
+            subprocess.run([sys.executable, str(ROOT / "ae_scripts" / "figure7.py"),
+                            "--results", str(out), "--out",
+                            str(ROOT / "figs" / out.name)],
+                           check=False)
+        return
     if args.quick:
         args.backends, args.keep_alive = "a10", min(args.keep_alive, 2.0)
         args.models = args.models or ",".join(QUICK_MODELS)
