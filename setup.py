@@ -22,6 +22,8 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.30",
         "prometheus_client>=0.20",
+        "scipy>=1.10",  # Gamma fits of the end-to-end workload (hydraserve workload make)
+        "tqdm>=4.60",  # replay progress bar
     ],
     extras_require={
         "client": ["openai>=1.30"],  # the examples `hydraserve serve` prints
