@@ -102,6 +102,8 @@ class GatewayConfig:
     admin_token: str | None = None
     max_model_len: int = 3072
     max_new_tokens: int = 1024
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    max_body_depth: int = 64  # JSON nested deeper gets 400
     kv_cache_mb: int = 128  # per worker
     log_dir: str | None = None
     lifecycle_log: str | None = None  # JSONL of instance creation/consolidation/deletion (cost)

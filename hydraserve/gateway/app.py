@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hydraserve.config import (ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry,
                                model_entry_from_dict)
@@ -28,6 +29,7 @@ from hydraserve.control.placement import PolicyName
 from hydraserve.control.presets import preset
 from hydraserve.engine.config import ModelLoadError
 from hydraserve.gateway.detok import Detokenizer
+from hydraserve.gateway.limits import BodyLimits
 from hydraserve.gateway.metrics import Metrics
 from hydraserve.gateway.openai_api import (ERROR_TYPES, ChatBody, CompletionBody, Shaper, error,
                                            sse)
@@ -71,6 +73,9 @@ class Gateway:
             await self.controller.warm_cache(entry.name)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after"}  # union branches
+
+
 def _openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return error(status, message, ERROR_TYPES.get(status, "server_error"), param)
 
@@ -89,15 +94,25 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
             await gateway.close()
 
     app = FastAPI(title="HydraServe", lifespan=lifespan)
+    app.add_middleware(BodyLimits, max_bytes=gw.max_body_bytes, max_depth=gw.max_body_depth)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        loc = [x for x in first.get("loc", ())[1:]
+               if not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))]
+        where = ".".join(str(x) for x in loc) or None
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            msg = "the request body is not valid JSON"
-        return _openai_error(400, f"{msg}" + (f" ({where})" if where else ""), where)
+            msg, where = "the request body is not valid JSON", None
+        elif first.get("type") in ("model_attributes_type", "dict_type") and not loc:
+            msg = "the request body must be a JSON object"
+        return _openai_error(400, f"{msg}" + (f" ({where})" if where else ""),
+                             str(loc[0]) if loc else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+        return _openai_error(exc.status_code, str(exc.detail))
 
     def admin_ok(request: HTTPRequest) -> bool:
         if not gw.admin_token:
@@ -149,12 +164,20 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         if not prompt:
             return _openai_error(400, "the prompt is empty", "prompt")
         room = gw.max_model_len - len(prompt)
+        where = "messages" if chat else "prompt"
         if room < 1:
             return _openai_error(400, f"the prompt has {len(prompt)} tokens; this model's "
-                                 f"context is {gw.max_model_len}", "messages" if chat else "prompt")
-        asked = (getattr(body, "max_completion_tokens", None) or body.max_tokens
-                 or (gw.max_new_tokens if chat else 16))
-        max_tokens = min(asked, room, gw.max_new_tokens)
+                                 f"context is {gw.max_model_len}", where)
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if asked is not None and asked > room:  # refused, as vLLM and OpenAI do; never cut
+            return _openai_error(400, f"this model's maximum context length is "
+                                 f"{gw.max_model_len} tokens; the prompt has {len(prompt)} and "
+                                 f"max_tokens asks for {asked} more ({len(prompt) + asked})",
+                                 "max_tokens")
+        if asked is not None and asked > gw.max_new_tokens:
+            return _openai_error(400, f"max_tokens is {asked}; this server generates at most "
+                                 f"{gw.max_new_tokens} tokens per request", "max_tokens")
+        max_tokens = min(asked or (gw.max_new_tokens if chat else 16), room, gw.max_new_tokens)
         kv_tokens = gateway.controller.endpoints[body.model].kv_tokens
         if gw.engine == "hydraserve" and len(prompt) + max_tokens > kv_tokens:
             # a worker could never hold this sequence: refuse it here instead of failing the

@@ -6,21 +6,28 @@ import time
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: no coercion ("yes" is not a bool, 1.0 is not an int), as OpenAI's API refuses them
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    model: str
+    model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens tokens
 
@@ -30,7 +37,7 @@ class _Body(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionBody(_Body):
@@ -40,10 +47,17 @@ class CompletionBody(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = ""
+    content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content_needed(self) -> "ChatMessage":
+        # OpenAI: only an assistant message (one carrying tool calls) may omit its content
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs a content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -65,8 +79,9 @@ def error(status: int, message: str, type_: str = "invalid_request_error",
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable",
-               500: "server_error"}
+               404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable", 500: "server_error"}
 
 
 def sse(obj: dict | str) -> bytes:
