@@ -53,7 +53,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                          keep_alive_s=args.keep_alive, static_p=args.static_p,
                          device="cpu" if args.cost == "local-cpu" else None)
     out = Path(args.out)
-    results, stats = simulate(records, setting, out, {"trace": str(args.trace),
+    results, stats = simulate(records, setting, out, {"trace": Path(args.trace).name,
                                                       "trace_meta": meta})
     summary = summarize(results, read_lifecycle(out / "lifecycle.jsonl"),
                         exec_type=args.exec_type, cv=meta.get("cv"), rate=meta.get("rate"),

@@ -56,7 +56,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                        progress=not args.no_progress and sys.stderr.isatty())
     span = records[-1].time / args.speed if records else 0.0
     log.info("replaying %d requests over %.0f s against %s", len(records), span, cfg.url)
-    results = asyncio.run(replay(records, cfg, args.out, {"trace": str(args.trace),
+    results = asyncio.run(replay(records, cfg, args.out, {"trace": Path(args.trace).name,
                                                            "trace_meta": meta}))
     failed = sum(r["error"] is not None for r in results)
     print(f"replayed {len(results)} requests: {len(results) - failed} answered, {failed} failed; "
