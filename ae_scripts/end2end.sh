@@ -9,9 +9,20 @@
 # DURATION (seconds of trace, default 3600), MAX_OUTPUT_TOKENS (cap, default none), SEED
 # (default 0), AZURE (the Azure Functions 2021 trace CSV; default: a synthetic trace),
 # KEEP_ALIVE (default 30), TPOT_SLO_SCALE (default: TTFT attainment only).
+# end2end.sh EXEC_TYPE CV REQ_RATE --sim   runs the same setting at the paper's scale in the
+# simulator instead (no server needed; seconds): results/end2end/EXEC_TYPE-cvCV-rateREQ_RATE-sim/.
 set -euo pipefail
-if [ $# -ne 3 ]; then echo "usage: $0 EXEC_TYPE CV REQ_RATE" >&2; exit 2; fi
+if [ $# -lt 3 ] || [ $# -gt 4 ] || { [ $# -eq 4 ] && [ "$4" != "--sim" ]; }; then
+  echo "usage: $0 EXEC_TYPE CV REQ_RATE [--sim]" >&2; exit 2
+fi
 here="$(cd "$(dirname "$0")" && pwd)"
+if [ "${4:-}" = "--sim" ]; then
+  sim=(--sim --exec-types "$1" --cv "$2" --rate "$3" --per-app "${PER_APP:-64}"
+       --duration "${DURATION:-3600}" --seed "${SEED:-0}" --keep-alive "${KEEP_ALIVE:-30}")
+  if [ -n "${OUT:-}" ]; then sim+=(--out "$OUT"); fi
+  if [ -n "${AZURE:-}" ]; then sim+=(--azure "$AZURE"); fi
+  exec python "$here/run_end2end_expr.py" "${sim[@]}"
+fi
 args=(--url "http://127.0.0.1:${PORT:-8000}" --exec-types "$1" --cv "$2" --rate "$3"
       --per-app "${PER_APP:-64}" --duration "${DURATION:-3600}" --seed "${SEED:-0}"
       --keep-alive "${KEEP_ALIVE:-30}")
