@@ -241,6 +241,13 @@ def fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def versus(row: dict) -> list[str]:
+    """The cells "ours %", "paper %", "ours-paper" of one bar's row."""
+    ours = row["ttft_attainment"] if row["source"] != PAPER else None
+    pv = row["paper_ttft_attainment"]
+    return [fmt(ours), fmt(pv), fmt(ours - pv if ours is not None and pv is not None else None)]
+
+
 def table(cols: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
     """A plain text table: the first `left` columns left-aligned, the others right-aligned."""
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]

@@ -88,11 +88,8 @@ def report(rows: Sequence[Row]) -> str:
     """Ours vs the paper, one line per bar."""
     lines = []
     for r in rows:
-        ours = r["ttft_attainment"] if r["source"] != e2e.PAPER else None
-        pv = r["paper_ttft_attainment"]
-        lines.append([r["application"], e2e.LABELS[r["exec_type"]], r["source"], e2e.fmt(ours),
-                      e2e.fmt(pv),
-                      e2e.fmt(ours - pv if ours is not None and pv is not None else None)])
+        lines.append([r["application"], e2e.LABELS[r["exec_type"]], r["source"],
+                      *e2e.versus(r)])
     return e2e.table(["application", "exec type", "source", "ours %", "paper %", "ours-paper"],
                      lines, left=3)
 

@@ -94,12 +94,8 @@ def report(rows: Sequence[Row]) -> str:
     """Ours vs the paper, one line per bar."""
     lines = []
     for r in rows:
-        ours = r["ttft_attainment"] if r["source"] != e2e.PAPER else None
-        pv = r["paper_ttft_attainment"]
         lines.append([e2e.num(r["cv"]), e2e.num(r["rate"]), e2e.LABELS[r["exec_type"]],
-                      r["source"], e2e.fmt(ours), e2e.fmt(pv),
-                      e2e.fmt(ours - pv if ours is not None and pv is not None else None),
-                      e2e.fmt(r["tpot_attainment"])])
+                      r["source"], *e2e.versus(r), e2e.fmt(r["tpot_attainment"])])
     return e2e.table(["cv", "rate", "exec type", "source", "ours %", "paper %", "ours-paper",
                       "ours TPOT %"], lines, left=4)
 
