@@ -104,3 +104,26 @@ def test_same_seed_same_results(tmp_path):
         (tmp_path / "b" / "lifecycle.jsonl").read_text()
     assert sum(r["error"] is None for r in a) >= 25
     json.dumps(a)
+
+
+def test_the_sim_command_writes_a_run_folder(tmp_path):
+    """`hydraserve workload make` then `hydraserve sim`, as end2end.sh --sim runs them."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "hydraserve.cli", *args],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    cli("workload", "make", "--out", str(tmp_path / "t.jsonl"), "--cv", "4", "--rate", "0.1",
+        "--duration", "300", "--per-app", "2")
+    said = cli("sim", str(tmp_path / "t.jsonl"), "--exec-type", "serverless_vllm", "--out",
+               str(tmp_path / "run"))
+    assert "simulated 30 requests" in said
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["source"] == "sim" and summary["requests"] == 30
+    assert summary["exec_type"] == "serverless_vllm" and summary["cv"] == 4
+    assert summary["cost_gbs_per_request"] > 0 and summary["tpot_attainment"] is not None
+    assert (tmp_path / "run" / "lifecycle.jsonl").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 COSTS = ("gpu", "local-cpu")
@@ -47,6 +48,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from hydraserve.workload.commands import format_summary
     from hydraserve.workload.make import read_trace
 
+    if logging.getLogger().getEffectiveLevel() >= logging.INFO:
+        # a simulated hour starts ~1,500 instances: their one-line stories are noise here
+        logging.getLogger("hydraserve.control").setLevel(logging.WARNING)
     meta, records = read_trace(args.trace)
     cost = CostModel.gpu_default() if args.cost == "gpu" else CostModel.local_cpu()
     setting = SimSetting(args.exec_type, with_host_caches(testbed(args.testbed)), cost,
