@@ -211,8 +211,10 @@ def ratio_stats(ratios: Sequence[float]) -> dict[str, float | None]:
             "frac_below_1": sum(r < 1.0 for r in ratios) / len(ratios)}
 
 
-def parser(doc: str | None, *, figure: str) -> argparse.ArgumentParser:
-    """The options every end-to-end figure script takes: --results, --paper, --out, --json."""
+def parser(doc: str | None, *, figure: str, setting: bool = False) -> argparse.ArgumentParser:
+    """The options every end-to-end figure script takes: --results, --paper, --out, --json;
+    with ``setting`` also --cv and --rate (the setting of our runs to show, default the
+    paper's CV 8 at 0.6 req/s)."""
     ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
@@ -224,6 +226,12 @@ def parser(doc: str | None, *, figure: str) -> argparse.ArgumentParser:
                     help="where the figures go (default: %(default)s)")
     ap.add_argument("--json", action="store_true",
                     help="print the plotted values as one JSON object on the last stdout line")
+    if setting:
+        ap.add_argument("--cv", type=float, default=FIG11_CV,
+                        help="CV of our runs to show (default: %(default)g, the paper's)")
+        ap.add_argument("--rate", type=float, default=FIG11_RATE,
+                        help="request rate of our runs to show (default: %(default)g, the "
+                             "paper's)")
     return ap
 
 

@@ -95,12 +95,7 @@ def report(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = e2e.parser(__doc__, figure="figure11")
-    ap.add_argument("--cv", type=float, default=e2e.FIG11_CV,
-                    help="CV of our runs to show (default: %(default)g, the paper's)")
-    ap.add_argument("--rate", type=float, default=e2e.FIG11_RATE,
-                    help="request rate of our runs to show (default: %(default)g, the paper's)")
-    args = ap.parse_args(argv)
+    args = e2e.parser(__doc__, figure="figure11", setting=True).parse_args(argv)
     runs = e2e.load_runs(args.results)
     mine = [et for et in e2e.EXEC_TYPES if e2e.key(et, args.cv, args.rate) in runs]
     if not mine:

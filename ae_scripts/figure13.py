@@ -162,12 +162,7 @@ def report(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = e2e.parser(__doc__, figure="figure13")
-    ap.add_argument("--cv", type=float, default=e2e.FIG11_CV,
-                    help="CV of our runs to compare (default: %(default)g, the paper's)")
-    ap.add_argument("--rate", type=float, default=e2e.FIG11_RATE,
-                    help="request rate of our runs to compare (default: %(default)g, the paper's)")
-    args = ap.parse_args(argv)
+    args = e2e.parser(__doc__, figure="figure13", setting=True).parse_args(argv)
     runs = e2e.load_runs(args.results)
     ours = runs.get(e2e.key(OURS, args.cv, args.rate))
     base = runs.get(e2e.key(BASE, args.cv, args.rate))

@@ -176,12 +176,25 @@ def save(rows: list[dict], path: Path) -> None:
         w.writerows(merged)
 
 
+def paper_gb(model: str) -> float:
+    """The paper's size of a model: its stand-in's, or the simulator's (Falcon-7B has none)."""
+    if model in PAPER_MODELS:
+        return PAPER_MODELS[model].paper_gb
+    from hydraserve.sim.run import PAPER_SHAPES
+
+    return PAPER_SHAPES[model][0].size_gb
+
+
+def fits(backend: str, model: str) -> bool:
+    """The paper's 13B models do not fit an A10 (22 GB usable; a model needs its size + 5)."""
+    return backend != "a10" or paper_gb(model) + 5 <= 22
+
+
 def simulate_rows(backend: str, exec_type: str, models: list[str],
                   local_cpu: bool = False) -> list[dict]:
     """One cold start per model through the simulator: at the paper's scale (the full-size
     testbed, GPU cost model), or with ``local_cpu`` as our scaled local testbed (the cost model
     of our own workers on a 2-core machine). Deterministic: one trial is every trial."""
-    import dataclasses
     import logging
 
     from hydraserve.sim.costmodel import CostModel
@@ -192,7 +205,7 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
     cfg = with_host_caches(testbed(backend, share=SHARE.get(exec_type, True)))
     rows = []
     for model in models:
-        gb = PAPER_MODELS[model].paper_gb if model in PAPER_MODELS else 13.0
+        gb = paper_gb(model)
         slo = 7.5 if gb <= 15 else 12.0
         record = TraceRecord(0.0, model, model, "chatbot", 4, 16, slo, 200.0)
         setting = SimSetting(exec_type, cfg,
@@ -200,7 +213,7 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
                              static_p=4 if exec_type == "hydraserve" else None,
                              sizes_gb=((model, gb),), device="cpu" if local_cpu else None)
         with tempfile.TemporaryDirectory() as tmp:
-            (res,), _ = simulate([record], dataclasses.replace(setting), tmp)
+            (res,), _ = simulate([record], setting, tmp)
         if res["error"] is not None:
             print(f"{exec_type} {model} on {backend} (sim): FAILED ({res['error']})",
                   file=sys.stderr)
@@ -212,6 +225,24 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def run_sim(args: argparse.Namespace) -> None:
+    """`--sim`: every backend, model and exec type (not `vllm`) through the simulator."""
+    out = Path(args.out) if args.out != str(ROOT / "results" / "figure7") \
+        else ROOT / "results" / ("figure7-simlocal" if args.sim_local else "figure7-sim")
+    sets = args.model_sets.split(",")
+    names = args.models.split(",") if args.models else \
+        [m for s in sets for m in MODEL_SETS[int(s)]] + ["Falcon-7B"] * ("0" in sets)
+    if args.sim_local:
+        names = [m for m in names if m in PAPER_MODELS]  # the stand-ins we ran
+    for backend in args.backends.split(","):
+        fit = [m for m in names if fits(backend, m)]
+        for et in [e for e in args.exec_types.split(",") if e != "vllm"]:
+            save(simulate_rows(backend, et, fit, args.sim_local), out / f"{backend}.csv")
+    if not args.no_figure:
+        subprocess.run([sys.executable, str(ROOT / "ae_scripts" / "figure7.py"), "--results",
+                        str(out), "--out", str(ROOT / "figs" / out.name)], check=False)
 
 
 def main() -> None:
@@ -245,24 +276,7 @@ def main() -> None:
                          "real runs in results/figure7 (default out: results/figure7-simlocal)")
     args = ap.parse_args()
     if args.sim:
-        out = Path(args.out) if args.out != str(ROOT / "results" / "figure7") \
-            else ROOT / "results" / ("figure7-simlocal" if args.sim_local else "figure7-sim")
-        for backend in args.backends.split(","):
-            names = [m for s_ in args.model_sets.split(",") for m in MODEL_SETS[int(s_)]]
-            names = args.models.split(",") if args.models else names + ["Falcon-7B"] * (
-                "0" in args.model_sets.split(","))
-            fit = [m for m in names
-                   if backend != "a10" or PAPER_MODELS.get(m, PAPER_MODELS["Llama2-7B"]).paper_gb
-                   + 5 <= 22]
-            if args.sim_local:
-                fit = [m for m in fit if m in PAPER_MODELS]  # the stand-ins we ran
-            for et in [e for e in args.exec_types.split(",") if e != "vllm"]:
-                save(simulate_rows(backend, et, fit, args.sim_local), out / f"{backend}.csv")
-        if not args.no_figure:
-            subprocess.run([sys.executable, str(ROOT / "ae_scripts" / "figure7.py"),
-                            "--results", str(out), "--out",
-                            str(ROOT / "figs" / out.name)],
-                           check=False)
+        run_sim(args)
         return
     if args.quick:
         args.backends, args.keep_alive = "a10", min(args.keep_alive, 2.0)
@@ -297,8 +311,7 @@ def main() -> None:
              Path(args.out) / f"{backends[0]}.csv")
         return
     for backend in backends:
-        # the paper's 13B models do not fit an A10 (22 GB usable)
-        fit = [m for m in models if backend != "a10" or PAPER_MODELS[m].paper_gb + 5 <= 22]
+        fit = [m for m in models if fits(backend, m)]
         for et in exec_types:
             with tempfile.TemporaryDirectory() as tmp:
                 cluster, models_yaml = write_configs(Path(tmp), backend, fit, et,

@@ -378,8 +378,9 @@ class Controller:
         booked = []
         for s in all_card:
             while inst.state is InstanceState.READY:
-                self.nics.advance(self.clock())
-                fetch = self.nics.exclusive(s.node, rest_gbits, self.clock())
+                now = self.clock()
+                self.nics.advance(now)
+                fetch = self.nics.exclusive(s.node, rest_gbits, now)
                 if fetch is not None:
                     booked.append(Stage(s.rank, s.node, True, s.claim, s.worker_id, fetch=fetch))
                     break

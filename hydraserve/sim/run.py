@@ -21,6 +21,7 @@ from hydraserve.engine.config import Arch, ModelConfig
 from hydraserve.sim.costmodel import CostModel, ModelShape
 from hydraserve.sim.loop import no_wall_clock, run
 from hydraserve.workload.make import TraceRecord
+from hydraserve.workload.replay import result_row, set_timing
 
 log = logging.getLogger("hydraserve.sim")
 
@@ -44,7 +45,6 @@ PAPER_SHAPES = {
     "Llama3-8B": _shape("Llama3-8B", 15.0, 32, 4096),
     "Falcon-7B": _shape("Falcon-7B", 13.0, 32, 4544 // 128 * 128),
 }
-COLD_START_GB = {"Llama2-13B": 26.0}  # the cold-start experiment's size (PAPER.md 10)
 GUARDED = ("hydraserve.control.controller", "hydraserve.control.instance",
            "hydraserve.control.network", "hydraserve.control.gpu",
            "hydraserve.control.placement", "hydraserve.control.lifecycle",
@@ -61,14 +61,6 @@ class SimSetting:
     timeout_s: float = 600.0  # a request unanswered by then is recorded as failed
     sizes_gb: tuple[tuple[str, float], ...] = ()  # model -> GB, instead of PAPER_SHAPES'
     device: str | None = None  # "cpu": every server computes as the local testbed's CPU
-
-
-def _result(i: int, r: TraceRecord) -> dict:
-    return {"index": i, "endpoint": r.endpoint, "model": r.model, "application": r.application,
-            "ttft_slo_s": r.ttft_slo_s, "tpot_slo_ms": r.tpot_slo_ms,
-            "prompt_tokens": r.prompt_tokens, "max_tokens": r.max_tokens, "scheduled": r.time,
-            "sent": r.time, "sent_wall": r.time, "status": None, "error": None, "ttft_s": None,
-            "tpot_ms": None, "output_tokens": 0, "finish_reason": None, "chunk_times": []}
 
 
 async def _client(controller, i: int, r: TraceRecord, res: dict, timeout_s: float) -> None:
@@ -107,12 +99,7 @@ async def _client(controller, i: int, r: TraceRecord, res: dict, timeout_s: floa
     except TimeoutError:
         res["error"] = f"no complete answer within {timeout_s:.0f} s"
         controller.cancel(req)
-    res["output_tokens"] = n
-    if first is not None:
-        res["ttft_s"] = round(first, 6)
-        res["chunk_times"] = [round(first, 6), round(last, 6)]
-        if n > 1:
-            res["tpot_ms"] = round((last - first) / (n - 1) * 1000, 4)
+    set_timing(res, [] if first is None else [first, last], n)
 
 
 async def _simulate(records: list[TraceRecord], s: SimSetting, lifecycle: Path) -> list[dict]:
@@ -147,7 +134,8 @@ async def _simulate(records: list[TraceRecord], s: SimSetting, lifecycle: Path) 
         if p.warm_cache:
             await controller.warm_cache(ep)
     await controller.start()
-    results = [_result(i, r) for i, r in enumerate(records)]
+    results = [{**result_row(i, r, r.time), "sent": r.time, "sent_wall": r.time}
+               for i, r in enumerate(records)]
     try:
         await asyncio.gather(*(_client(controller, i, r, results[i], s.timeout_s)
                                for i, r in enumerate(records)))

@@ -57,13 +57,25 @@ def prompt_ids(index: int, n: int, cfg: ReplayConfig) -> list[int]:
     return [rng.randrange(cfg.token_low, cfg.token_high) for _ in range(n)]
 
 
-def _result(i: int, rec: TraceRecord, cfg: ReplayConfig) -> dict:
+def result_row(i: int, rec: TraceRecord, scheduled: float) -> dict:
+    """A result with nothing measured yet (the format of the module doc; the simulator's too)."""
     return {"index": i, "endpoint": rec.endpoint, "model": rec.model,
             "application": rec.application, "ttft_slo_s": rec.ttft_slo_s,
             "tpot_slo_ms": rec.tpot_slo_ms, "prompt_tokens": rec.prompt_tokens,
-            "max_tokens": rec.max_tokens, "scheduled": round(rec.time / cfg.speed, 6),
+            "max_tokens": rec.max_tokens, "scheduled": round(scheduled, 6),
             "sent": None, "sent_wall": None, "status": None, "error": None, "ttft_s": None,
             "tpot_ms": None, "output_tokens": 0, "finish_reason": None, "chunk_times": []}
+
+
+def set_timing(res: dict, times: list[float], tokens: int) -> None:
+    """Fill TTFT, TPOT and the token count from the arrival times (s since sent) of the streamed
+    chunks; TPOT spreads first -> last chunk over the tokens between them."""
+    res["chunk_times"] = [round(t, 5) for t in times]
+    res["output_tokens"] = tokens
+    if times:
+        res["ttft_s"] = round(times[0], 6)
+        if tokens > 1:
+            res["tpot_ms"] = round((times[-1] - times[0]) / (tokens - 1) * 1000, 4)
 
 
 async def _one(session: aiohttp.ClientSession, i: int, rec: TraceRecord, cfg: ReplayConfig,
@@ -107,14 +119,8 @@ async def _one(session: aiohttp.ClientSession, i: int, rec: TraceRecord, cfg: Re
                     res["finish_reason"] = choice["finish_reason"]
         if not done:
             res["error"] = "the stream ended without [DONE]"
-    res["chunk_times"] = [round(t, 5) for t in times]
-    n = usage_tokens if usage_tokens is not None else len(times)
-    res["output_tokens"] = n
-    if times:
-        res["ttft_s"] = round(times[0], 6)
-        if n > 1:
-            res["tpot_ms"] = round((times[-1] - times[0]) / (n - 1) * 1000, 4)
-    elif res["error"] is None:
+    set_timing(res, times, usage_tokens if usage_tokens is not None else len(times))
+    if not times and res["error"] is None:
         res["error"] = "no token was streamed"
 
 
@@ -142,7 +148,7 @@ async def replay(records: Sequence[TraceRecord], cfg: ReplayConfig, out: str | P
                  meta: dict | None = None) -> list[dict]:
     """Replay ``records``; write results to ``out`` (JSONL) as they come; return them in
     trace order. Cancelling the task records the requests still open or not yet sent."""
-    results = [_result(i, r, cfg) for i, r in enumerate(records)]
+    results = [result_row(i, r, r.time / cfg.speed) for i, r in enumerate(records)]
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     f: IO[str] = open(path, "w", encoding="utf-8")
