@@ -33,7 +33,7 @@ def test_unsupported_architecture(llama_dir, tmp_path):
     cfg = json.loads(open(f"{d}/config.json").read())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     open(f"{d}/config.json", "w").write(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="unsupported architecture.*LlamaForCausalLM"):
+    with pytest.raises(ModelLoadError, match=r"config\.json: unsupported architectures \['GPT2LMHeadModel'\].*LlamaForCausalLM"):
         LLMEngine(d)
 
 

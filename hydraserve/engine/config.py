@@ -25,6 +25,8 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": Arch.QWEN2,
     "OPTForCausalLM": Arch.OPT,
 }
+# config.json ``model_type`` -> our family, for files that omit ``architectures``
+HF_MODEL_TYPES = {arch.value: arch for arch in Arch}
 
 
 @dataclass(frozen=True)
@@ -63,31 +65,36 @@ class ModelConfig:
         path = model_dir / "config.json"
         if not path.exists():
             raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: invalid JSON ({e})") from None
+        raw = _read_json(path)
         gen_path = model_dir / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        return cls.from_hf(raw, gen)
+        gen = _read_json(gen_path) if gen_path.exists() else {}
+        try:
+            return cls.from_hf(raw, gen)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
 
     @classmethod
     def from_hf(cls, raw: dict, gen: dict | None = None) -> "ModelConfig":
         archs = raw.get("architectures") or []
         arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+        if arch is None and not archs:
+            # transformers accepts a config without "architectures"; its model_type names the family
+            arch = HF_MODEL_TYPES.get(raw.get("model_type"))
         if arch is None:
             supported = ", ".join(sorted(HF_ARCHITECTURES))
-            raise ModelLoadError(
-                f"unsupported architecture {archs or raw.get('model_type')!r}; supported: {supported}")
+            found = f"architectures {archs}" if archs else f"model_type {raw.get('model_type')!r}"
+            raise ModelLoadError(f"unsupported {found}; supported: {supported}")
         eos = (gen or {}).get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+            raise ModelLoadError(f"eos_token_id must be an integer or a list of integers, got {eos!r}")
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         try:
             if arch is Arch.OPT:
                 return cls._from_opt(raw, eos_ids, dtype)
             return cls._from_llama(arch, raw, eos_ids, dtype)
         except KeyError as e:
-            raise ModelLoadError(f"config.json lacks required field {e}") from None
+            raise ModelLoadError(f"required key {e} is missing") from None
 
     @classmethod
     def _from_llama(cls, arch: Arch, raw: dict, eos_ids: tuple[int, ...], dtype: str) -> "ModelConfig":
@@ -148,6 +155,16 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype,
         )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return raw
 
 
 @dataclass(frozen=True)
