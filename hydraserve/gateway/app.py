@@ -148,6 +148,9 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
             return _openai_error(404, f"the model {body.model!r} does not exist", "model")
         if getattr(body, "logprobs", None):
             return _openai_error(400, "logprobs are not supported", "logprobs")
+        if chat and not tok.has_chat_template:
+            return _openai_error(400, f"the model {body.model!r} has no chat template; send the "
+                                 "prompt to /v1/completions instead", "messages")
         if chat:
             try:
                 text = tok.apply_chat_template([{"role": m.role, "content": m.text()}

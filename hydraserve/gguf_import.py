@@ -1,0 +1,476 @@
+"""``hydraserve import-gguf``: a llama.cpp GGUF checkpoint becomes a Hugging Face model directory.
+
+What comes out is an ordinary directory that our engine, transformers and vLLM all load:
+safetensors weights under Hugging Face names (``--dtype`` float16 by default, sharded with an index
+above 2 GB), config.json with ``architectures``, a ``tokenizers`` tokenizer.json, tokenizer_config.json,
+chat_template.jinja and generation_config.json.
+
+How each part is recovered from the file (facts of the GGUF format and of llama.cpp's converter):
+
+- Tensors are dequantized with the ``gguf`` package (every type it implements: F16, BF16, the
+  Q4/Q5/Q8 blocks, the K-quants, the IQ types ...). GGUF lists dimensions fastest first, so a
+  ``[576, 49152]`` embedding is a 49152 x 576 matrix. llama.cpp's converter interleaves the rows of
+  q_proj and k_proj per head for its rotary convention; we undo that permutation.
+- The tokenizer: a ``gpt2``-model vocabulary is byte-level BPE (vocabulary + merges as stored;
+  control tokens become special added tokens, user-defined ones plain added tokens). The
+  pre-tokenizer split follows ``tokenizer.ggml.pre`` (Llama 3's and Qwen2's patterns; the GPT-2
+  pattern otherwise). No BOS is added by the tokenizer, as with transformers' own GGUF loader:
+  chat templates write it themselves.
+- End of generation: ``eos_token_id`` plus the end-of-turn ids the file names (``eot``, ``eom``).
+- Llama 3.1-style rope scaling is stored only as a ``rope_freqs`` factor table; we match it against
+  the published llama3 parameters and write them to config.json.
+
+torch-free (numpy + gguf + tokenizers), so it runs in the gateway's environment, and it writes to
+a temporary folder renamed into place at the end: an interrupted import leaves no half directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from hydraserve.engine.config import ModelLoadError
+
+SUPPORTED_ARCHS = ("llama",)
+DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+SHARD_BYTES = 2 * 10**9
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# GGUF token types (llama.cpp's llama_token_type)
+CONTROL, USER_DEFINED = 3, 4
+
+# Pre-tokenizer split patterns by tokenizer.ggml.pre. The Llama 3 pattern is the one Meta's
+# tokenizer.json publishes; Qwen2's differs only in splitting digits one by one.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+# the GPT-2 byte-level pattern (tokenizers' ByteLevel use_regex=True)
+GPT2_PRE_TOKENIZERS = ("default", "gpt-2", "gpt2", "smollm", "starcoder", "refact", "olmo")
+
+# Llama 3.x rope scaling parameters as Meta publishes them: (factor, low, high, original length)
+LLAMA3_ROPE_CANDIDATES = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 1.0, 4.0, 8192))
+
+
+class GGUFImportError(ModelLoadError):
+    """The GGUF file cannot be converted (unreadable, truncated, unsupported content)."""
+
+
+@dataclass
+class ImportReport:
+    out: Path
+    arch: str
+    tensors: int
+    weight_bytes: int
+    quant_types: dict[str, int]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def open_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` on ``path`` whose every tensor lies wholly inside the file."""
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFImportError("import-gguf needs the gguf package: pip install gguf") from None
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFImportError(f"{path}: no such file")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
+        raise GGUFImportError(f"{path}: not a readable GGUF file, or truncated ({e})") from None
+    for t in reader.tensors:
+        if t.data_offset + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
+            raise GGUFImportError(
+                f"{path}: truncated: tensor {t.name} needs bytes up to "
+                f"{t.data_offset + int(t.n_bytes)}, the file has {size}")
+    return reader
+
+
+def metadata(reader) -> dict:
+    """Every metadata key -> its Python value (arrays as lists)."""
+    out = {}
+    for key, f in reader.fields.items():
+        try:
+            out[key] = f.contents()
+        except Exception as e:  # the gguf package raises plain errors on malformed fields
+            raise GGUFImportError(f"metadata key {key}: cannot be read ({e})") from None
+    return out
+
+
+def _need(meta: dict, key: str, path: Path):
+    if key not in meta:
+        raise GGUFImportError(f"{path}: metadata key {key} is missing")
+    value = meta[key]
+    if isinstance(value, list):
+        raise GGUFImportError(f"{path}: metadata key {key} varies per layer ({value[:4]}...); "
+                              "such models are not supported")
+    return value
+
+
+# -- config -----------------------------------------------------------------------------------
+
+def hf_config(meta: dict, reader, path: Path, dtype: str) -> tuple[dict, list[str]]:
+    """config.json for the file's model, and notes on what was inferred."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFImportError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
+                              f"import-gguf converts: {', '.join(SUPPORTED_ARCHS)}")
+    a = arch
+    hidden = int(_need(meta, f"{a}.embedding_length", path))
+    heads = int(_need(meta, f"{a}.attention.head_count", path))
+    kv_heads = int(meta.get(f"{a}.attention.head_count_kv", heads))
+    head_dim = int(meta.get(f"{a}.attention.key_length")
+                   or meta.get(f"{a}.rope.dimension_count") or hidden // heads)
+    names = {t.name for t in reader.tensors}
+    if any(n.endswith("_exps.weight") for n in names):
+        raise GGUFImportError(f"{path}: mixture-of-experts tensors (ffn_*_exps) are not supported")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise GGUFImportError(f"{path}: tensor token_embd.weight is missing")
+    vocab = int(meta.get(f"{a}.vocab_size") or int(embd.shape[1]))
+    notes = []
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(_need(meta, f"{a}.feed_forward_length", path)),
+        "num_hidden_layers": int(_need(meta, f"{a}.block_count", path)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(meta.get(f"{a}.context_length", 4096)),
+        "rms_norm_eps": float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in names,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+    }
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        if f"tokenizer.ggml.{key}" in meta:
+            config[key.replace("padding", "pad")] = int(meta[f"tokenizer.ggml.{key}"])
+    scaling = meta.get(f"{a}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise GGUFImportError(f"{path}: metadata key {a}.rope.scaling.type is {scaling!r}; "
+                                  "supported: linear (and llama3 through rope_freqs)")
+        config["rope_scaling"] = {"rope_type": "linear",
+                                  "factor": float(_need(meta, f"{a}.rope.scaling.factor", path))}
+    if "rope_freqs.weight" in names:
+        config["rope_scaling"] = _llama3_scaling(reader, config, meta, a, path)
+        notes.append(f"rope_freqs matched llama3 scaling {config['rope_scaling']}")
+    return config, notes
+
+
+def _llama3_scaling(reader, config: dict, meta: dict, a: str, path: Path) -> dict:
+    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    factors = np.asarray(dequantize(t), dtype=np.float64).reshape(-1)
+    dim = config["head_dim"]
+    inv = 1.0 / (config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    wavelen = 2 * math.pi / inv
+    original = int(meta.get(f"{a}.rope.scaling.original_context_length") or 0)
+    for factor, low, high, old_len in LLAMA3_ROPE_CANDIDATES:
+        old_len = original or old_len
+        smooth = (old_len / wavelen - low) / (high - low)
+        expect = np.where(wavelen < old_len / high, 1.0,
+                          np.where(wavelen > old_len / low, factor,
+                                   1.0 / ((1 - smooth) / factor + smooth)))
+        if expect.shape == factors.shape and np.allclose(expect, factors, rtol=1e-3):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": old_len}
+    raise GGUFImportError(f"{path}: tensor rope_freqs.weight matches no known llama3 rope scaling")
+
+
+# -- tensors ----------------------------------------------------------------------------------
+
+def dequantize(t) -> np.ndarray:
+    """A GGUF tensor as float32, shaped as Hugging Face stores it (slowest dimension first)."""
+    from gguf import quants
+
+    try:
+        data = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise GGUFImportError(f"tensor {t.name}: {e}") from None
+    return np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleave of q_proj / k_proj (weights or biases): the
+    converter stores row (h, i, j) of an [heads, 2, d/2] view at (h, j, i)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(name: str, path: Path) -> str:
+    base, _, suffix = name.rpartition(".")
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    raise GGUFImportError(f"{path}: tensor {name} has no Hugging Face counterpart in a Llama model")
+
+
+def convert_tensors(reader, config: dict, path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, float32 array) for every weight, in file order."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # folded into config.json's rope_scaling
+        name = hf_name(t.name, path)
+        w = dequantize(t)
+        if ".q_proj." in name:
+            w = unpermute(w, config["num_attention_heads"])
+        elif ".k_proj." in name:
+            w = unpermute(w, config["num_key_value_heads"])
+        yield name, w
+
+
+def to_dtype(w: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return w
+    if dtype == "float16":
+        return w.astype(np.float16)
+    # bfloat16: round to nearest even on the top 16 bits (numpy has no bfloat16 type)
+    u = w.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(out: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str,
+                      produce: Callable[[str], np.ndarray]) -> int:
+    """Write tensors (name, shape) into one or more safetensors files under ``out``, asking
+    ``produce(name)`` for each array only when its turn comes (one tensor in memory at a time).
+    Returns the bytes of weights written."""
+    code, itemsize = DTYPES[dtype]
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and used + nbytes > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape))
+        used += nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for fname, shard in zip(files, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in shard:
+            nbytes = math.prod(shape) * itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = fname
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, shape in shard:
+                arr = np.ascontiguousarray(to_dtype(produce(name), dtype))
+                if arr.shape != shape:
+                    raise GGUFImportError(f"tensor {name}: shape {arr.shape}, expected {shape}")
+                f.write(arr.tobytes())
+        total += offset
+    if len(files) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+# -- tokenizer --------------------------------------------------------------------------------
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (a fact of byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + \
+        list(range(0xAE, 0xFF + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tokenizer(meta: dict, path: Path):
+    """A ``tokenizers.Tokenizer`` from the file's tokenizer metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFImportError(
+            f"{path}: tokenizer.ggml.model is {kind!r}; import-gguf builds byte-level BPE "
+            "tokenizers ('gpt2': Llama 3, SmolLM, Qwen2 ...), not SentencePiece ('llama')")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise GGUFImportError(f"{path}: metadata key tokenizer.ggml."
+                              f"{'tokens' if not tokens else 'merges'} is missing")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    alphabet = _byte_alphabet()
+    chars = set(alphabet.values())
+    # tokens are stored in the byte alphabet; the odd one stored as raw text is respelled
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        spelled = tok if set(tok) <= chars else "".join(alphabet[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(spelled, i)
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise GGUFImportError(f"{path}: tokenizer.ggml.merges entry {m!r} is not 'a b'")
+        pairs.append((left, right))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    split = PRE_TOKENIZER_SPLITS.get(pre)
+    if split is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # control tokens stored as raw text outside the byte alphabet are mislabelled: skipped
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= chars]
+    plain = [AddedToken(t, special=False, normalized=False)
+             for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+    return tok, (pre not in GPT2_PRE_TOKENIZERS and split is None) and pre
+
+
+def tokenizer_files(meta: dict, path: Path) -> tuple[dict[str, str], list[int], list[str]]:
+    """{file name: text} of the tokenizer files, the eos ids, and notes."""
+    tok, unknown_pre = build_tokenizer(meta, path)
+    tokens = meta["tokenizer.ggml.tokens"]
+    notes = [f"pre-tokenizer {unknown_pre!r} is not known; used GPT-2's split"] if unknown_pre else []
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    eos_ids = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is not None and int(i) not in eos_ids:
+            eos_ids.append(int(i))
+    tconf = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "add_bos_token": False,
+        "model_max_length": int(meta.get("llama.context_length", 4096)),
+    }
+    files = {"tokenizer.json": tok.to_str(pretty=False),
+             "tokenizer_config.json": json.dumps({k: v for k, v in tconf.items() if v is not None},
+                                                 indent=2)}
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        files["chat_template.jinja"] = template
+    else:
+        notes.append("the file has no chat template: chat requests will be refused")
+    return files, eos_ids, notes
+
+
+# -- the whole import -------------------------------------------------------------------------
+
+def import_gguf(src: str | Path, out: str | Path, dtype: str = "float16",
+                progress: Callable[[str], None] | None = None) -> ImportReport:
+    """Convert ``src`` (a GGUF file) into the Hugging Face directory ``out`` (must not exist or
+    be empty)."""
+    if dtype not in DTYPES:
+        raise GGUFImportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    say = progress or (lambda _msg: None)
+    src, out = Path(src), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GGUFImportError(f"{out} already exists and is not an empty directory")
+    t0 = time.monotonic()
+    reader = open_gguf(src)
+    meta = metadata(reader)
+    config, notes = hf_config(meta, reader, src, dtype)
+    files, eos_ids, tok_notes = tokenizer_files(meta, src)
+    notes += tok_notes
+    quant: dict[str, int] = {}
+    for t in reader.tensors:
+        quant[t.tensor_type.name] = quant.get(t.tensor_type.name, 0) + 1
+    say(f"{src.name}: {config['num_hidden_layers']}-layer {meta['general.architecture']} "
+        f"(hidden {config['hidden_size']}, {config['num_attention_heads']} heads / "
+        f"{config['num_key_value_heads']} kv), {len(reader.tensors)} tensors "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(quant.items()))}) -> {dtype}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
+    try:
+        converted = dict()  # filled lazily, one tensor at a time
+        order = [(hf_name(t.name, src), tuple(int(d) for d in reversed(t.shape)))
+                 for t in reader.tensors if t.name != "rope_freqs.weight"]
+        stream = convert_tensors(reader, config, src)
+
+        def produce(name: str) -> np.ndarray:
+            while name not in converted:
+                got, arr = next(stream)
+                converted[got] = arr
+            return converted.pop(name)
+
+        nbytes = write_safetensors(tmp, order, dtype, produce)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+        if "bos_token_id" in config:
+            gen["bos_token_id"] = config["bos_token_id"]
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = ImportReport(out=out, arch=meta["general.architecture"], tensors=len(order),
+                          weight_bytes=nbytes, quant_types=quant,
+                          seconds=time.monotonic() - t0, notes=notes)
+    for note in notes:
+        say(f"note: {note}")
+    say(f"wrote {out} ({nbytes / 1e6:.0f} MB of {dtype} weights) in {report.seconds:.1f} s")
+    return report
