@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 
 from hydraserve.engine.engine import LLMEngine
+from hydraserve.engine.runner import iter_checkpoint
+from hydraserve.engine.sequence import SamplingParams
 from hydraserve.store.checkpoint import scan_checkpoint
-from hydraserve.store.layout import StageLayout, split_layers
+from hydraserve.store.layout import StageLayout, StageSpec, split_layers
 
 from conftest import MODEL_SPECS
 
@@ -30,7 +32,7 @@ def test_split_rejects_bad_sizes():
         split_layers([10] * 2, 0, 0, 0)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "falcon"])
 def test_stages_cover_checkpoint_exactly_once(model_dirs, name):
     tensors = scan_checkpoint(model_dirs[name])
     layout = StageLayout(tensors)
@@ -50,6 +52,26 @@ def test_stages_cover_checkpoint_exactly_once(model_dirs, name):
         # what a stage lacks plus what it holds is the whole model
         for spec in specs:
             assert set(layout.rest_names(spec)) | set(layout.tensor_names(spec)) == set(tensors)
+
+
+@pytest.mark.parametrize("name", list(MODEL_SPECS))
+def test_every_stage_grows_into_the_whole_model(model_dirs, name):
+    """Consolidation in one process: a stage of a 3-stage pipeline extends to all layers, loads
+    only what it lacked, and then generates what the whole model does."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 13], list(range(100, 111))]
+    whole = LLMEngine(model_dirs[name])
+    expected = [r.token_ids for r in whole.generate(prompts, params)]
+    spec = StageSpec(0, 1, 0, whole.model_cfg.num_layers)
+    for rank in range(3):
+        engine = LLMEngine(model_dirs[name], pipeline=3)
+        stage = engine.stages[rank]
+        rest = engine.layout.rest_names(stage.spec)
+        stage.extend(spec)
+        stage.load(iter_checkpoint(model_dirs[name], rest, engine.layout.tensors))
+        stage.activate(spec)
+        engine.stages = [stage]
+        assert [r.token_ids for r in engine.generate(prompts, params)] == expected, rank
 
 
 def test_first_and_last_stage_hold_embedding_and_head(model_dirs):
