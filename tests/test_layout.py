@@ -1,6 +1,8 @@
 """The paper's stage split and exact tensor coverage of the stages."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from hydraserve.engine.engine import LLMEngine
@@ -72,6 +74,22 @@ def test_every_stage_grows_into_the_whole_model(model_dirs, name):
         stage.activate(spec)
         engine.stages = [stage]
         assert [r.token_ids for r in engine.generate(prompts, params)] == expected, rank
+
+
+def test_a_tied_checkpoint_that_stores_the_head_too_loads_at_every_p(model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "falcon"
+    shutil.copytree(model_dirs["falcon"], d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"].clone()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected = LLMEngine(model_dirs["falcon"]).generate([[5, 9, 13]], params)[0].token_ids
+    for p in (1, 2, 3):
+        engine = LLMEngine(d, pipeline=p)
+        assert engine.stages[-1].loaded >= {"lm_head.weight", "transformer.ln_f.weight"}
+        assert engine.generate([[5, 9, 13]], params)[0].token_ids == expected, p
 
 
 def test_first_and_last_stage_hold_embedding_and_head(model_dirs):
