@@ -176,18 +176,9 @@ def save(rows: list[dict], path: Path) -> None:
         w.writerows(merged)
 
 
-def paper_gb(model: str) -> float:
-    """The paper's size of a model: its stand-in's, or the simulator's (Falcon-7B has none)."""
-    if model in PAPER_MODELS:
-        return PAPER_MODELS[model].paper_gb
-    from hydraserve.sim.run import PAPER_SHAPES
-
-    return PAPER_SHAPES[model][0].size_gb
-
-
 def fits(backend: str, model: str) -> bool:
     """The paper's 13B models do not fit an A10 (22 GB usable; a model needs its size + 5)."""
-    return backend != "a10" or paper_gb(model) + 5 <= 22
+    return backend != "a10" or PAPER_MODELS[model].paper_gb + 5 <= 22
 
 
 def simulate_rows(backend: str, exec_type: str, models: list[str],
@@ -205,7 +196,7 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
     cfg = with_host_caches(testbed(backend, share=SHARE.get(exec_type, True)))
     rows = []
     for model in models:
-        gb = paper_gb(model)
+        gb = PAPER_MODELS[model].paper_gb
         slo = 7.5 if gb <= 15 else 12.0
         record = TraceRecord(0.0, model, model, "chatbot", 4, 16, slo, 200.0)
         setting = SimSetting(exec_type, cfg,
@@ -227,15 +218,21 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
     return rows
 
 
+def model_names(models: str | None, model_sets: str) -> list[str]:
+    """--models, or else the models of --model-sets; exits on a name without a stand-in."""
+    names = models.split(",") if models else \
+        [m for s in model_sets.split(",") for m in MODEL_SETS[int(s)]]
+    unknown = [m for m in names if m not in PAPER_MODELS]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; choose from {', '.join(PAPER_MODELS)}")
+    return names
+
+
 def run_sim(args: argparse.Namespace) -> None:
     """`--sim`: every backend, model and exec type (not `vllm`) through the simulator."""
     out = Path(args.out) if args.out != str(ROOT / "results" / "figure7") \
         else ROOT / "results" / ("figure7-simlocal" if args.sim_local else "figure7-sim")
-    sets = args.model_sets.split(",")
-    names = args.models.split(",") if args.models else \
-        [m for s in sets for m in MODEL_SETS[int(s)]] + ["Falcon-7B"] * ("0" in sets)
-    if args.sim_local:
-        names = [m for m in names if m in PAPER_MODELS]  # the stand-ins we ran
+    names = model_names(args.models, args.model_sets)
     for backend in args.backends.split(","):
         fit = [m for m in names if fits(backend, m)]
         for et in [e for e in args.exec_types.split(",") if e != "vllm"]:
@@ -269,7 +266,7 @@ def main() -> None:
                          "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")
     ap.add_argument("--sim", action="store_true",
                     help="simulate the paper's full-scale testbeds instead (seconds; results "
-                         "to results/figure7-sim unless --out; Falcon-7B included)")
+                         "to results/figure7-sim unless --out)")
     ap.add_argument("--sim-local", action="store_true",
                     help="with --sim: simulate our scaled local testbed (the cost model of our "
                          "workers on this 2-core machine) to check the simulator against the "
@@ -282,10 +279,7 @@ def main() -> None:
         args.backends, args.keep_alive = "a10", min(args.keep_alive, 2.0)
         args.models = args.models or ",".join(QUICK_MODELS)
     backends = args.backends.split(",")
-    if args.models:
-        models = args.models.split(",")
-    else:
-        models = [m for s in args.model_sets.split(",") for m in MODEL_SETS[int(s)]]
+    models = model_names(args.models, args.model_sets)
     exec_types = args.exec_types.split(",")
     bad = [e for e in exec_types if e not in EXEC_TYPES + ("hydraserve_with_cache",)]
     if bad:
@@ -299,9 +293,6 @@ def main() -> None:
             print("no Python with vLLM found: skipping the `vllm` rows (see the README to "
                   "install the vLLM peer, or give --vllm-python)", file=sys.stderr)
             exec_types.remove("vllm")
-    unknown = [m for m in models if m not in PAPER_MODELS]
-    if unknown:
-        sys.exit(f"unknown model(s) {unknown}; choose from {', '.join(PAPER_MODELS)}")
     if args.write_configs:
         write_configs(Path(args.write_configs), backends[0], models, exec_types[0],
                       Path(args.models_dir))

@@ -26,6 +26,8 @@ DEFAULT_TTFT_SLO_S = 12.0
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
+    from hydraserve.make_model import ARCHS  # torch-free
+
     p = sub.add_parser(
         "make-model", help="write a small random-weight model in Hugging Face format",
         description="Write a Hugging Face-format model directory with random weights scaled for "
@@ -33,15 +35,17 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
                     "standard library's source, a chat template and generation_config.json. "
                     "transformers and vLLM load it like a hub checkpoint.")
     p.add_argument("out", help="directory to write (created if missing)")
-    p.add_argument("--arch", choices=["llama", "qwen2", "mistral", "opt"], default="llama",
+    p.add_argument("--arch", choices=ARCHS, default="llama",
                    help="architecture family (default: llama)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     p.add_argument("--kv-heads", type=int, default=None,
-                   help="key/value heads for grouped-query attention (default: heads/2; OPT: heads)")
+                   help="key/value heads for grouped-query attention (default: heads/2; OPT: "
+                        "heads; Falcon: 1 as Falcon-7B, any other count but heads gives "
+                        "Falcon-40B's grouped layout)")
     p.add_argument("--intermediate", type=int, default=None,
-                   help="MLP width (default: ~8/3 hidden; OPT: 4 hidden)")
+                   help="MLP width (default: ~8/3 hidden; OPT and Falcon: 4 hidden)")
     p.add_argument("--vocab", type=int, default=2048, help="vocabulary size (default: 2048)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weight dtype (default: float32)")

@@ -16,6 +16,10 @@ import math
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -25,7 +29,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-ARCHS = ("llama", "qwen2", "mistral", "opt")
+ARCHS = ("llama", "qwen2", "mistral", "opt", "falcon")
 
 
 @dataclass
@@ -51,13 +55,14 @@ class ModelSpec:
         if self.hidden % self.heads:
             raise ValueError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
         if self.kv_heads is None:
-            self.kv_heads = self.heads if self.arch == "opt" or self.heads % 2 else self.heads // 2
+            self.kv_heads = 1 if self.arch == "falcon" else \
+                self.heads if self.arch == "opt" or self.heads % 2 else self.heads // 2
         if self.arch == "opt" and self.kv_heads != self.heads:
             raise ValueError("OPT has no grouped-query attention: --kv-heads must equal --heads")
         if self.heads % self.kv_heads:
             raise ValueError(f"{self.heads} heads are not divisible into {self.kv_heads} kv heads")
         if self.intermediate is None:
-            self.intermediate = 4 * self.hidden if self.arch == "opt" else \
+            self.intermediate = 4 * self.hidden if self.arch in ("opt", "falcon") else \
                 64 * math.ceil(8 * self.hidden / 3 / 64)
         if self.vocab < 300:
             raise ValueError("vocab must be >= 300 (256 byte tokens + specials + merges)")
@@ -73,6 +78,12 @@ def _hf_config(s: ModelSpec, ids: dict[str, int]) -> dict:
                "max_position_embeddings": s.max_position, "do_layer_norm_before": True,
                "word_embed_proj_dim": s.hidden, "activation_function": "relu", "enable_bias": True,
                "layer_norm_elementwise_affine": True, "tie_word_embeddings": True}
+    elif s.arch == "falcon":
+        cfg = {"architectures": ["FalconForCausalLM"], "model_type": "falcon",
+               "ffn_hidden_size": s.intermediate, "max_position_embeddings": s.max_position,
+               "layer_norm_epsilon": 1e-5, "activation": "gelu", "alibi": False, "bias": False,
+               "rope_theta": 10000.0, "tie_word_embeddings": True, "parallel_attn": True,
+               **_falcon_attention(s)}
     else:
         name = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[s.arch]
         cfg = {"architectures": [f"{name}ForCausalLM"], "model_type": s.arch,
@@ -86,6 +97,26 @@ def _hf_config(s: ModelSpec, ids: dict[str, int]) -> dict:
         if s.arch == "mistral":
             cfg.update(sliding_window=None)
     return {**cfg, **common, **s.extra_config}
+
+
+def _falcon_attention(s: ModelSpec) -> dict:
+    """Falcon's kv heads: one is Falcon-7B's multi-query attention, as many as the heads its
+    older per-head layout, any other count the grouped "new decoder architecture" (Falcon-40B)."""
+    if s.kv_heads == 1:
+        return {"multi_query": True, "new_decoder_architecture": False}
+    if s.kv_heads == s.heads:
+        return {"multi_query": False, "new_decoder_architecture": False}
+    return {"multi_query": False, "new_decoder_architecture": True, "num_kv_heads": s.kv_heads}
+
+
+def _falcon_norms(s: ModelSpec) -> tuple[str, ...]:
+    """The LayerNorms of a Falcon decoder layer, as transformers' FalconDecoderLayer has them."""
+    cfg = {"parallel_attn": True, **_falcon_attention(s), **s.extra_config}
+    if not cfg["parallel_attn"]:
+        return ("input_layernorm", "post_attention_layernorm")
+    if cfg["new_decoder_architecture"] and cfg.get("num_ln_in_parallel_attn", 2) == 2:
+        return ("ln_attn", "ln_mlp")
+    return ("input_layernorm",)
 
 
 def _weights(s: ModelSpec):
@@ -134,6 +165,9 @@ def _weights(s: ModelSpec):
         yield pre + "final_layer_norm.weight", final_norm(h)
         yield pre + "final_layer_norm.bias", rnd(h, std=0.1)
         return
+    if s.arch == "falcon":
+        yield from _falcon_weights(s, rnd, norm, final_norm)
+        return
     tied = s.arch == "qwen2"
     yield "model.embed_tokens.weight", rnd(v, h, std=head_std if tied else 1.0)
     for layer in range(s.layers):
@@ -154,6 +188,38 @@ def _weights(s: ModelSpec):
     yield "model.norm.weight", final_norm(h)
     if not tied:
         yield "lm_head.weight", rnd(v, h, std=head_std)
+
+
+def _falcon_weights(s: ModelSpec, rnd: Callable[..., torch.Tensor],
+                    norm: Callable[[int], torch.Tensor], final_norm: Callable[[int], torch.Tensor]
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    h, i = s.hidden, s.intermediate
+    qkv = (s.heads + 2 * s.kv_heads) * (h // s.heads)
+    bias = s.extra_config.get("bias", False)
+
+    def linear(name: str, out: int, fan_in: int, zero_sum_rows: bool = False
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        w = rnd(out, fan_in, std=1 / math.sqrt(fan_in))
+        if zero_sum_rows:
+            # gelu outputs have mean ~0.28 (unit-variance inputs): rows that sum to zero keep
+            # that constant out of the residual stream (Falcon has no bias to cancel it)
+            w = (w.float() - w.float().mean(1, keepdim=True)).to(w.dtype)
+        yield name + ".weight", w
+        if bias:
+            yield name + ".bias", rnd(out, std=0.1)
+
+    yield "transformer.word_embeddings.weight", rnd(s.vocab, h, std=4.0 / math.sqrt(h))
+    for layer in range(s.layers):
+        p = f"transformer.h.{layer}."
+        for ln in _falcon_norms(s):
+            yield p + f"{ln}.weight", norm(h)
+            yield p + f"{ln}.bias", rnd(h, std=0.1)
+        yield from linear(p + "self_attention.query_key_value", qkv, h)
+        yield from linear(p + "self_attention.dense", h, h)
+        yield from linear(p + "mlp.dense_h_to_4h", i, h)
+        yield from linear(p + "mlp.dense_4h_to_h", h, i, zero_sum_rows=True)
+    yield "transformer.ln_f.weight", final_norm(h)
+    yield "transformer.ln_f.bias", rnd(h, std=0.1)
 
 
 def _write_weights(s: ModelSpec, out: Path) -> int:

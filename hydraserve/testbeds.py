@@ -97,9 +97,10 @@ PAPER_MODELS = {
     "Llama2-7B": PaperModel("Llama2-7B", "llama", 32, 384, 6, 6, 1024, 16384, 13),
     "Llama2-13B": PaperModel("Llama2-13B", "llama", 40, 480, 6, 6, 1280, 16384, 26),
     "Llama3-8B": PaperModel("Llama3-8B", "llama", 32, 384, 12, 3, 1040, 32768, 15),
+    # one kv head (kv_heads 1) is Falcon-7B's multi-query attention
+    "Falcon-7B": PaperModel("Falcon-7B", "falcon", 32, 448, 7, 1, 1792, 8192, 13),
 }
-# Falcon-7B is not in the engine's families yet; set 0 runs without it.
-MODEL_SETS = {0: ("OPT-2.7B", "OPT-6.7B", "Llama2-7B", "Llama3-8B"),
+MODEL_SETS = {0: ("OPT-2.7B", "OPT-6.7B", "Llama2-7B", "Llama3-8B", "Falcon-7B"),
               1: ("OPT-13B", "Llama2-13B"),
               3: ("Llama2-13B", "Llama2-7B")}  # the end-to-end set: 64 replicas per application
 # the end-to-end experiment's model sizes (PAPER.md 10: Llama-2-13B counts as 25 GB there)

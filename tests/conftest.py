@@ -17,6 +17,14 @@ MODEL_SPECS = {
     "mistral-window": ModelSpec(arch="mistral", hidden=64, layers=4, heads=4, kv_heads=2,
                                 vocab=512, seed=4, extra_config={"sliding_window": 8}),
     "opt": ModelSpec(arch="opt", hidden=64, layers=4, heads=4, vocab=512, seed=5),
+    # Falcon-7B's decoder: one kv head, attention and MLP in parallel from one norm
+    "falcon": ModelSpec(arch="falcon", hidden=64, layers=4, heads=4, kv_heads=1, vocab=512, seed=6),
+    # Falcon-40B's: grouped kv heads, ln_attn and ln_mlp (here with biases too)
+    "falcon-grouped": ModelSpec(arch="falcon", hidden=64, layers=4, heads=4, kv_heads=2,
+                                vocab=512, seed=7, extra_config={"bias": True}),
+    # per-head q/k/v and sequential attention then MLP, each after its own norm
+    "falcon-sequential": ModelSpec(arch="falcon", hidden=64, layers=4, heads=4, kv_heads=4,
+                                   vocab=512, seed=8, extra_config={"parallel_attn": False}),
 }
 
 

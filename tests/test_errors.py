@@ -81,3 +81,23 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "error:" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+FALCON = {"architectures": ["FalconForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize("extra,key", [
+    ({"alibi": True}, "alibi"),
+    ({"activation": "relu"}, "activation"),
+    ({"new_decoder_architecture": True, "parallel_attn": False}, "parallel_attn"),
+    ({"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn"),
+    ({"multi_query": False, "num_kv_heads": 2}, "num_kv_heads"),
+    ({"new_decoder_architecture": True, "num_kv_heads": 3}, "num_kv_heads"),
+])
+def test_falcon_variants_we_cannot_run_name_the_key(extra, key):
+    from hydraserve.engine.config import ModelConfig
+
+    with pytest.raises(ModelLoadError, match=key):
+        ModelConfig.from_hf({**FALCON, **extra})
+

@@ -1,11 +1,15 @@
 """The paper's stage split and exact tensor coverage of the stages."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from hydraserve.engine.engine import LLMEngine
+from hydraserve.engine.runner import iter_checkpoint
+from hydraserve.engine.sequence import SamplingParams
 from hydraserve.store.checkpoint import scan_checkpoint
-from hydraserve.store.layout import StageLayout, split_layers
+from hydraserve.store.layout import StageLayout, StageSpec, split_layers
 
 from conftest import MODEL_SPECS
 
@@ -30,7 +34,7 @@ def test_split_rejects_bad_sizes():
         split_layers([10] * 2, 0, 0, 0)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "falcon"])
 def test_stages_cover_checkpoint_exactly_once(model_dirs, name):
     tensors = scan_checkpoint(model_dirs[name])
     layout = StageLayout(tensors)
@@ -50,6 +54,42 @@ def test_stages_cover_checkpoint_exactly_once(model_dirs, name):
         # what a stage lacks plus what it holds is the whole model
         for spec in specs:
             assert set(layout.rest_names(spec)) | set(layout.tensor_names(spec)) == set(tensors)
+
+
+@pytest.mark.parametrize("name", list(MODEL_SPECS))
+def test_every_stage_grows_into_the_whole_model(model_dirs, name):
+    """Consolidation in one process: a stage of a 3-stage pipeline extends to all layers, loads
+    only what it lacked, and then generates what the whole model does."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 13], list(range(100, 111))]
+    whole = LLMEngine(model_dirs[name])
+    expected = [r.token_ids for r in whole.generate(prompts, params)]
+    spec = StageSpec(0, 1, 0, whole.model_cfg.num_layers)
+    for rank in range(3):
+        engine = LLMEngine(model_dirs[name], pipeline=3)
+        stage = engine.stages[rank]
+        rest = engine.layout.rest_names(stage.spec)
+        stage.extend(spec)
+        stage.load(iter_checkpoint(model_dirs[name], rest, engine.layout.tensors))
+        stage.activate(spec)
+        engine.stages = [stage]
+        assert [r.token_ids for r in engine.generate(prompts, params)] == expected, rank
+
+
+def test_a_tied_checkpoint_that_stores_the_head_too_loads_at_every_p(model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "falcon"
+    shutil.copytree(model_dirs["falcon"], d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"].clone()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected = LLMEngine(model_dirs["falcon"]).generate([[5, 9, 13]], params)[0].token_ids
+    for p in (1, 2, 3):
+        engine = LLMEngine(d, pipeline=p)
+        assert engine.stages[-1].loaded >= {"lm_head.weight", "transformer.ln_f.weight"}
+        assert engine.generate([[5, 9, 13]], params)[0].token_ids == expected, p
 
 
 def test_first_and_last_stage_hold_embedding_and_head(model_dirs):

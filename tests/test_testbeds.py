@@ -12,6 +12,10 @@ def _fp16_bytes(m) -> float:
     if m.arch == "opt":
         layer = 4 * m.hidden * m.hidden + 2 * m.hidden * m.intermediate
         return 2 * (m.layers * layer + m.vocab * m.hidden)
+    if m.arch == "falcon":  # fused qkv of kv_heads key and value heads, tied embeddings
+        layer = (m.hidden * (m.hidden + 2 * m.kv_heads * hd) + m.hidden * m.hidden
+                 + 2 * m.hidden * m.intermediate)
+        return 2 * (m.layers * layer + m.vocab * m.hidden)
     layer = (m.hidden * (m.hidden + 2 * m.kv_heads * hd) + m.hidden * m.hidden
              + 3 * m.hidden * m.intermediate)
     return 2 * (m.layers * layer + 2 * m.vocab * m.hidden)

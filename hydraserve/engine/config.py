@@ -16,6 +16,7 @@ class Arch(enum.Enum):
     MISTRAL = "mistral"
     QWEN2 = "qwen2"
     OPT = "opt"
+    FALCON = "falcon"
 
 
 # Hugging Face ``architectures`` entry -> our family
@@ -24,6 +25,7 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": Arch.MISTRAL,
     "Qwen2ForCausalLM": Arch.QWEN2,
     "OPTForCausalLM": Arch.OPT,
+    "FalconForCausalLM": Arch.FALCON,
 }
 # config.json ``model_type`` -> our family, for files that omit ``architectures``
 HF_MODEL_TYPES = {arch.value: arch for arch in Arch}
@@ -53,6 +55,10 @@ class ModelConfig:
     # OPT only
     word_embed_proj_dim: int = 0
     do_layer_norm_before: bool = True
+    # Falcon only: attention and MLP both read the layer's input and add to the residual
+    # together; 2 parallel norms = a separate norm before each (Falcon-40B's ln_attn, ln_mlp)
+    parallel_attn: bool = False
+    parallel_norms: int = 1
     # from generation_config.json / config.json
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str = "float32"
@@ -92,6 +98,8 @@ class ModelConfig:
         try:
             if arch is Arch.OPT:
                 return cls._from_opt(raw, eos_ids, dtype)
+            if arch is Arch.FALCON:
+                return cls._from_falcon(raw, eos_ids, dtype)
             return cls._from_llama(arch, raw, eos_ids, dtype)
         except KeyError as e:
             raise ModelLoadError(f"required key {e} is missing") from None
@@ -99,11 +107,7 @@ class ModelConfig:
     @classmethod
     def _from_llama(cls, arch: Arch, raw: dict, eos_ids: tuple[int, ...], dtype: str) -> "ModelConfig":
         heads = raw["num_attention_heads"]
-        # transformers >= 5 writes rope settings as "rope_parameters"; older files use
-        # "rope_theta" + "rope_scaling". Accept both.
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta, rope_scaling = _rope(raw)
         window = raw.get("sliding_window")
         if arch is Arch.QWEN2 and not raw.get("use_sliding_window", False):
             window = None
@@ -122,8 +126,8 @@ class ModelConfig:
             qkv_bias=arch is Arch.QWEN2 or raw.get("attention_bias", False),
             o_bias=raw.get("attention_bias", False),
             mlp_bias=raw.get("mlp_bias", False),
-            rope_theta=float(theta),
-            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
             sliding_window=window,
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype,
@@ -155,6 +159,76 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype,
         )
+
+    @classmethod
+    def _from_falcon(cls, raw: dict, eos_ids: tuple[int, ...], dtype: str) -> "ModelConfig":
+        # the decoder variants transformers' FalconModel runs: Falcon-7B (multi-query, parallel
+        # attention, one norm), Falcon-40B/180B and Falcon2-11B ("new decoder architecture":
+        # grouped kv heads, one or two parallel norms), and sequential attention (Falcon-RW)
+        if raw.get("alibi", False):
+            raise ModelLoadError("Falcon with alibi true (ALiBi position biases) is not supported")
+        if raw.get("activation", "gelu") != "gelu":
+            raise ModelLoadError(f"Falcon activation {raw['activation']!r} is not supported "
+                                 "(only gelu)")
+        hidden = raw["hidden_size"]
+        heads = raw["num_attention_heads"]
+        if hidden % heads:
+            raise ModelLoadError(f"hidden_size {hidden} is not divisible by num_attention_heads "
+                                 f"{heads}")
+        new_arch = raw.get("new_decoder_architecture", False)
+        parallel = raw.get("parallel_attn", True)
+        norms = raw.get("num_ln_in_parallel_attn") or (2 if new_arch else 1)
+        if new_arch:
+            kv_heads = raw.get("num_kv_heads") or heads
+            if not parallel:
+                raise ModelLoadError("parallel_attn false with new_decoder_architecture true is "
+                                     "not supported (transformers cannot run it either)")
+        elif raw.get("multi_query", True):
+            kv_heads = 1
+        else:
+            kv_heads = heads
+            if raw.get("num_kv_heads", heads) != heads:
+                raise ModelLoadError(f"num_kv_heads {raw['num_kv_heads']} needs "
+                                     "new_decoder_architecture true")
+        if heads % kv_heads:
+            raise ModelLoadError(f"num_attention_heads {heads} is not divisible into num_kv_heads "
+                                 f"{kv_heads}")
+        if parallel and norms not in ((1, 2) if new_arch else (1,)):
+            raise ModelLoadError(f"num_ln_in_parallel_attn {norms} is not supported with "
+                                 f"new_decoder_architecture {str(new_arch).lower()}")
+        theta, rope_scaling = _rope(raw)
+        bias = raw.get("bias", False)
+        return cls(
+            arch=Arch.FALCON,
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=hidden // heads,
+            intermediate_size=raw.get("ffn_hidden_size") or 4 * hidden,
+            max_position=raw.get("max_position_embeddings", 2048),
+            norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=raw.get("tie_word_embeddings", True),
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_bias=bias,
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
+            parallel_attn=parallel,
+            parallel_norms=norms if parallel else 1,
+            eos_token_ids=eos_ids,
+            checkpoint_dtype=dtype,
+        )
+
+
+def _rope(raw: dict) -> tuple[float, dict | None]:
+    """(theta, scaling or None for the default rope) of a config.json. transformers >= 5 writes
+    rope settings as "rope_parameters"; older files use "rope_theta" + "rope_scaling"."""
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return float(theta), None if rope_type == "default" else {**rope, "rope_type": rope_type}
 
 
 def _read_json(path: Path) -> dict:

@@ -16,9 +16,9 @@ from typing import Mapping
 from hydraserve.store.checkpoint import CheckpointError, TensorInfo
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(embed_tokens|embed_positions|project_in|wte|wpe)\.")
+_EMBED = re.compile(r"(?:^|\.)(embed_tokens|embed_positions|project_in|wte|wpe|word_embeddings)\.")
 _HEAD = re.compile(r"(?:^|\.)(lm_head|norm|final_layer_norm|project_out|ln_f)\.")
-_TIED_EMBED = re.compile(r"(?:^|\.)(embed_tokens|wte)\.weight$")
+_TIED_EMBED = re.compile(r"(?:^|\.)(embed_tokens|wte|word_embeddings)\.weight$")
 
 
 class Role(enum.Enum):

@@ -32,6 +32,9 @@ class StageModel(nn.Module):
         self.cfg, self.dtype, self.device, self.max_len = cfg, dtype, device, max_len
         self.spec = StageSpec(spec.rank, spec.p, spec.layer_start, spec.layer_start)
         self.has_embed = self.has_head = False
+        # tied embeddings, but the checkpoint stores the head's copy too (some do): a stage's
+        # head is then complete with lm_head.weight, as the layout gives it
+        self.head_in_checkpoint = False
         self._build_skeleton()
         self.extend(spec)
 
@@ -138,6 +141,7 @@ class StageModel(nn.Module):
                         mod.pack(keep_dense=id(mod.weight) in shared)
             if targets:
                 loaded.add(name)
+                self.head_in_checkpoint |= name == "lm_head.weight"
         return loaded
 
     def _shared_param_ids(self) -> set[int]:
@@ -162,7 +166,7 @@ class StageModel(nn.Module):
         for pname, param in self.named_parameters(remove_duplicate=False):
             mod = self.get_submodule(pname.rsplit(".", 1)[0])
             if pname == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                names.add(self.embed_name)
+                names.add(pname if self.head_in_checkpoint else self.embed_name)
                 continue
             packed = {v: k for k, v in self.packed.items()}
             leaf = pname.split(".")[-2]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from hydraserve.engine.config import Arch
 from hydraserve.engine.models.base import StageModel
+from hydraserve.engine.models.falcon import FalconStage
 from hydraserve.engine.models.llama import LlamaStage
 from hydraserve.engine.models.opt import OPTStage
 
@@ -11,4 +12,5 @@ STAGE_CLASSES: dict[Arch, type[StageModel]] = {
     Arch.MISTRAL: LlamaStage,
     Arch.QWEN2: LlamaStage,
     Arch.OPT: OPTStage,
+    Arch.FALCON: FalconStage,
 }
