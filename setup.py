@@ -24,6 +24,7 @@ setup(
         "prometheus_client>=0.20",
         "scipy>=1.10",  # Gamma fits of the end-to-end workload (hydraserve workload make)
         "tqdm>=4.60",  # replay progress bar
+        "gguf>=0.10",  # hydraserve import-gguf (and the default model's one-time conversion)
     ],
     extras_require={
         "client": ["openai>=1.30"],  # the examples `hydraserve serve` prints
@@ -35,6 +36,7 @@ setup(
             "transformers>=5.16.1,<5.20",
             "openai>=1.30",
             "matplotlib>=3.7",  # the figure scripts
+            "accelerate>=1.0",  # transformers' own GGUF loading, the reference of import-gguf
         ],
     },
     entry_points={"console_scripts": ["hydraserve=hydraserve.cli:main"]},

@@ -5,6 +5,7 @@ Used by the local cluster, the benchmarks and the tests: a server binds port 0 a
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -17,13 +18,15 @@ class ServerProcess:
     """``hydraserve ARGS`` in a child process; ``url`` once it announced itself."""
 
     def __init__(self, args: list[str], log_path: str | Path, timeout: float = 60.0,
-                 wait: bool = True):
-        """Start the process; with ``wait`` also block until it is ready (see wait_ready)."""
+                 wait: bool = True, env: dict[str, str] | None = None):
+        """Start the process (``env``: variables added to this one's environment); with
+        ``wait`` also block until it is ready (see wait_ready)."""
         self.args = args
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", *args],
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True)
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, **env} if env else None)
         self.url: str | None = None
         if wait:
             self.wait_ready(timeout)
