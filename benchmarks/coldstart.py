@@ -3,6 +3,11 @@ emulated NICs make the fetch dominate, beside the fetch floor S / (p B); and the
 adds to a warm request.
 
     python benchmarks/coldstart.py [--trials 3] [--exec-types a,b,...] [--json]
+    python benchmarks/coldstart.py --default-setting [--exec-types ...]
+
+--default-setting: what `hydraserve serve` runs with no arguments instead (SmolLM2-135M-Instruct,
+269 MB = 26.9 GB in the paper's units, TTFT SLO 12 s, 4 servers with one 32 GB GPU and a 16 Gbps
+NIC each; the model is converted once into ~/.cache/hydraserve, or HYDRASERVE_CACHE).
 
 Each execution type gets its own `hydraserve serve` (4 servers with one 24 GB GPU and an 8 Gbps
 NIC each in the paper's units, scaled by 1/100: really 0.08 Gbps; the ~128 MB demo model counts
@@ -28,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hydraserve.httpjson import call, stream  # noqa: E402
+from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
 from hydraserve.store.launch import ServerProcess  # noqa: E402
+
+MODEL = "demo"  # the served name
 
 EXEC_TYPES = ["serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
               "hydraserve_with_single_worker", "hydraserve", "hydraserve_with_cache",
@@ -53,6 +61,16 @@ def _evict_host_caches(url: str) -> None:
                 call(agent, "DELETE", f"/regions/{r['id']}")
 
 
+DEMO = ModelSpec(arch="llama", hidden=512, layers=8, heads=8, vocab=8192)  # ~128 MB float32
+
+
+def demo_model() -> str:
+    path = ROOT / ".cache" / "coldstart-demo"
+    if not (path / "config.json").exists():
+        make_model(path, DEMO)
+    return str(path)
+
+
 def cold_ttft(url: str, client, evict: bool) -> tuple[float, dict]:
     deadline = time.monotonic() + 120
     while _instances(url) and time.monotonic() < deadline:
@@ -60,7 +78,7 @@ def cold_ttft(url: str, client, evict: bool) -> tuple[float, dict]:
     if evict:
         _evict_host_caches(url)
     t0 = time.perf_counter()
-    chunks = client.completions.create(model="demo", prompt="def main():", max_tokens=2,
+    chunks = client.completions.create(model=MODEL, prompt="def main():", max_tokens=2,
                                        stream=True, temperature=0)
     ttft = None
     for chunk in chunks:
@@ -77,7 +95,7 @@ def warm_overhead(url: str, n: int = 30) -> float:
     import http.client
 
     port = int(url.rsplit(":", 1)[1])
-    body = json.dumps({"model": "demo", "prompt": [10, 11, 12], "max_tokens": 1}).encode()
+    body = json.dumps({"model": MODEL, "prompt": [10, 11, 12], "max_tokens": 1}).encode()
 
     def via() -> None:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -102,22 +120,31 @@ def warm_overhead(url: str, n: int = 30) -> float:
 def main() -> None:
     import openai
 
-    from hydraserve.cli import _demo_model
+    from hydraserve.cli import DEFAULT_TTFT_SLO_S, _default_model
+    from hydraserve.config import cluster_to_dict, default_local_cluster
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--exec-types", default=",".join(EXEC_TYPES))
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--default-setting", action="store_true",
+                    help="the embedded default's model and cluster (see above)")
     args = ap.parse_args()
-    model = _demo_model()
+    nic, slo = NIC_GBPS, 7.5
+    cluster = {"device": "cpu", "scale": {"size_scale": 100, "after_fetch_ms": 2000},
+               "servers": [{"name": f"a10-{i}", "gpus": [24], "nic_gbps": NIC_GBPS,
+                            "cache_gb": 32} for i in range(4)]}
+    if args.default_setting:
+        model, slo = _default_model(), DEFAULT_TTFT_SLO_S
+        cfg = default_local_cluster()
+        cluster, nic = cluster_to_dict(cfg), cfg.servers[0].nic_gbps
+    else:
+        model = demo_model()
     size_gb = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 100 / 1e9
     res: dict = {}
     overhead = None
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = {"device": "cpu", "scale": {"size_scale": 100, "after_fetch_ms": 2000},
-                   "servers": [{"name": f"a10-{i}", "gpus": [24], "nic_gbps": NIC_GBPS,
-                                "cache_gb": 32} for i in range(4)]}
-        models = {"models": [{"name": "demo", "path": model, "ttft_slo_s": 7.5}]}
+        models = {"models": [{"name": MODEL, "path": model, "ttft_slo_s": slo}]}
         Path(tmp, "cluster.yaml").write_text(yaml.safe_dump(cluster))
         Path(tmp, "models.yaml").write_text(yaml.safe_dump(models))
         for et in args.exec_types.split(","):
@@ -136,14 +163,14 @@ def main() -> None:
                 cached = name == "serverlessllm_with_cached_model"  # no fetch at all
                 res[et] = {"ttft_s": statistics.median(t[0] for t in trials),
                            "trials": [round(t[0], 3) for t in trials], "p": p,
-                           "floor_s": 0.0 if cached else size_gb * 8 / (p * NIC_GBPS)}
+                           "floor_s": 0.0 if cached else size_gb * 8 / (p * nic)}
                 if et == "hydraserve":
                     overhead = warm_overhead(gw.url)
             finally:
                 gw.stop()
             print(f"{et}: {res[et]}", file=sys.stderr)
-    print(f"\ndemo model {size_gb:.1f} GB (paper units), NIC {NIC_GBPS} Gbps per server, "
-          f"TTFT SLO 7.5 s; median of {args.trials} cold trials\n")
+    print(f"\n{Path(model).name}: {size_gb:.1f} GB (paper units), NIC {nic:g} Gbps per server, "
+          f"TTFT SLO {slo:g} s; median of {args.trials} cold trials\n")
     print(f"{'execution type':<34}{'p':>3}{'TTFT s':>9}{'floor s':>9}")
     for et, r in res.items():
         print(f"{et:<34}{r['p']:>3}{r['ttft_s']:>9.2f}{r['floor_s']:>9.2f}")

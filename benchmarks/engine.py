@@ -1,7 +1,10 @@
 """Engine benchmark: prefill tokens/s and decode TPOT at batch 1 and 8 on a ~100M-parameter
 Llama, side by side with the real vLLM when a Python with vLLM is available.
 
-    python benchmarks/engine.py [--vllm-python PATH] [--repeats 5] [--json]
+    python benchmarks/engine.py [--model DIR] [--vllm-python PATH] [--repeats 5] [--json]
+
+--model DIR: any Hugging Face directory (e.g. the default model, converted by `hydraserve
+serve` into ~/.cache/hydraserve/smollm2-135m-instruct); both engines compute in float32.
 
 Seeded, warmed up, medians of --repeats runs; our engine and vLLM run one after the other on the
 same model in the same invocation, so the ratio is what to read (absolute times on a shared
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -61,7 +65,7 @@ def bench_ours(model: Path, repeats: int, prompt_len: int, decode_prompt_len: in
 
     torch.manual_seed(0)
     engine = LLMEngine(model, EngineConfig(max_model_len=1024))
-    nparams = sum(t.nbytes for t in engine.layout.tensors.values()) // 4  # float32 checkpoint
+    nparams = sum(math.prod(t.shape) for t in engine.layout.tensors.values())
 
     def run(prompts: list[list[int]], n: int) -> list[float]:
         """Step end times; the first step is the prefill."""
@@ -128,6 +132,9 @@ def bench_vllm(py: str, model: Path, repeats: int, prompt_len: int, decode_promp
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None, metavar="DIR",
+                    help="a Hugging Face model directory to measure (default: a ~100M Llama "
+                         "made once in --model-dir)")
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "bench-llama-100m"))
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vLLM installed (default: HYDRASERVE_VLLM_PYTHON, this "
@@ -140,7 +147,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
     batches = [1, 8]
-    model = ensure_model(Path(args.model_dir))
+    model = Path(args.model) if args.model else ensure_model(Path(args.model_dir))
     common = dict(repeats=args.repeats, prompt_len=args.prompt_len,
                   decode_prompt_len=args.decode_prompt_len, new_tokens=args.new_tokens,
                   batches=batches)
@@ -151,7 +158,9 @@ def main() -> None:
     if py:
         peer = bench_vllm(py, model, **common)
     print(f"\nmachine: {machine()}")
-    print(f"model: llama {SPEC.hidden}x{SPEC.layers} ({ours['params_m']:.0f}M params, float32); "
+    cfg = json.loads((model / "config.json").read_text())
+    print(f"model: {model.name}: {cfg.get('model_type')} {cfg['hidden_size']}x"
+          f"{cfg['num_hidden_layers']} ({ours['params_m']:.0f}M params, computed in float32); "
           f"medians of {args.repeats}; prefill {args.prompt_len} tokens, decode {args.new_tokens} "
           f"tokens after {args.decode_prompt_len}-token prompts\n")
     rows = [("prefill tokens/s", ours["prefill_tok_s"], peer and peer["prefill_tok_s"])]
@@ -165,7 +174,8 @@ def main() -> None:
           f"{kv['preemptions']} preemptions; all 16 sequences finished: {kv['all_finished']} "
           f"({kv['seconds']:.1f} s)")
     if args.json:
-        print(json.dumps({"ours": ours, "vllm": peer, "kv_budget": kv, "machine": machine()}))
+        print(json.dumps({"model": model.name, "ours": ours, "vllm": peer, "kv_budget": kv,
+                          "machine": machine()}))
 
 
 if __name__ == "__main__":
