@@ -325,6 +325,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="seconds an idle instance is kept before it scales to zero (default: 30)")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="queued requests per model before 429 (default: 1024)")
+    p.add_argument("--retry-after", type=int, default=2, metavar="S",
+                   help="the Retry-After header (seconds) of a 429 for a full queue (default: 2)")
+    p.add_argument("--sse-heartbeat", type=float, default=10.0, metavar="S",
+                   help="send an SSE comment line on a stream that had no event for S seconds, "
+                        "e.g. while it waits for a cold start, so proxies do not time it out "
+                        "(default: 10; 0: never)")
     p.add_argument("--queue-timeout", type=float, default=300.0,
                    help="seconds a request may wait for an instance before it fails with 503 "
                         "(default: 300)")
@@ -411,6 +417,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ModelConfigEntry(name=DEFAULT_MODEL, path=_default_model(), ttft_slo_s=DEFAULT_TTFT_SLO_S)]
     gw = GatewayConfig(host=args.host, port=args.port, exec_type=args.exec_type,
                        keep_alive_s=args.keep_alive, max_queue=args.max_queue,
+                       retry_after_s=args.retry_after, sse_heartbeat_s=args.sse_heartbeat,
                        queue_timeout_s=args.queue_timeout,
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
                        kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,

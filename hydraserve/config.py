@@ -98,6 +98,8 @@ class GatewayConfig:
     keep_alive_s: float = 30.0
     batch_capacity: int = 8  # requests per instance (8p for a p-stage pipeline)
     max_queue: int = 1024  # queued requests per model before 429
+    retry_after_s: int = 2  # the Retry-After of a 429 (a full queue)
+    sse_heartbeat_s: float = 10.0  # an SSE comment after this long without an event (0: never)
     queue_timeout_s: float = 300.0  # a request no instance could take by then fails with 503
     admin_token: str | None = None
     max_model_len: int = 3072

@@ -196,13 +196,16 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         try:
             gateway.controller.submit(req)
         except QueueFull as e:
-            return _openai_error(429, f"too many requests queued: {e}")
+            resp = _openai_error(429, f"too many requests queued: {e}; retry after "
+                                 f"{gw.retry_after_s} s")
+            resp.headers["Retry-After"] = str(gw.retry_after_s)
+            return resp
         shaper = Shaper(chat, rid, body.model)
         detok = Detokenizer(tok, body.stop_list())
         events = _events(req, detok, gateway, body.model)
         if body.stream:
-            return StreamingResponse(_stream(events, shaper, len(prompt), body.include_usage(),
-                                             req, gateway),
+            return StreamingResponse(_stream(_heartbeats(events, gw.sse_heartbeat_s), shaper,
+                                             len(prompt), body.include_usage(), req, gateway),
                                      media_type="text/event-stream")
         text, finish, n = "", "length", 0
         try:
@@ -291,11 +294,47 @@ async def _events(req: Request, detok: Detokenizer, gateway: Gateway,
         yield delta, None, n, None
 
 
+HEARTBEAT = object()  # what _heartbeats yields when nothing came for a while
+
+
+async def _heartbeats(events: AsyncIterator, every_s: float) -> AsyncIterator:
+    """``events``, with HEARTBEAT in between whenever none came for ``every_s`` seconds (a cold
+    start can take longer than a proxy's idle timeout). The pending read is never cancelled by a
+    heartbeat, only when the stream ends early."""
+    if every_s <= 0:
+        async for item in events:
+            yield item
+        return
+    pending = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield HEARTBEAT
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 async def _stream(events, shaper: Shaper, prompt_len: int, include_usage: bool, req: Request,
                   gateway: Gateway) -> AsyncIterator[bytes]:
     first, n, done = True, 0, False
     try:
-        async for delta, reason, count, err in events:
+        async for item in events:
+            if item is HEARTBEAT:
+                yield b": heartbeat\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+                continue
+            delta, reason, count, err = item
             if err:
                 yield sse({"error": {"message": err["error"], "type": "server_error",
                                      "code": err.get("status", 500)}})
