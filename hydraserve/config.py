@@ -12,6 +12,8 @@ cluster::
       after_fetch_ms: 2000     # "everything after the fetch" in the TTFT model
     servers:
       - {name: a10-0, gpus: [24], nic_gbps: 16, host_memory_gb: 188, cache_gb: 0}
+    kubernetes:                # only with `serve --cluster-backend kubernetes` (KubernetesConfig);
+      namespace: hydraserve    # `servers` then come from the labelled nodes and may be left out
 
 models::
 
@@ -57,12 +59,35 @@ class ScaleConfig:
 
 
 @dataclass(frozen=True)
+class KubernetesConfig:
+    """Where and how the Kubernetes backend creates worker pods (scripts/kubernetes/ ships the
+    manifests these defaults match)."""
+
+    namespace: str = "hydraserve"
+    gateway_name: str = "hydraserve"  # label of this gateway's pods (orphans are found by it)
+    worker_image: str = "hydraserve-worker:cuda"
+    vllm_image: str = "hydraserve-worker:vllm"  # workers with --engine vllm
+    image_pull_policy: str = "IfNotPresent"
+    gpu_resource: str | None = "nvidia.com/gpu"  # exclusive GPUs (SHARE=0); None: no claim
+    share_resource: str | None = "aliyun.com/gpu-mem"  # GPUs shared by memory (SHARE=1)
+    share_unit_gb: float = 1.0  # one unit of share_resource, in GB
+    store_url: str | None = "http://hydraserve-store:8100"  # None: the store pod's address
+    agent_port: int = 8101
+    worker_port: int = 8200
+    stage_port: int = 8201
+    grace_period_s: int = 10
+    default_nic_gbps: float = 16.0  # for nodes without the hydraserve.io/nic-gbps label
+    start_timeout_s: float = 120.0  # agents (and the store) must be ready by then
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     servers: tuple[ServerConfig, ...]
     device: str = "cpu"
     share: bool = True
     egress_gbps: float | None = None
     scale: ScaleConfig = ScaleConfig()
+    kubernetes: KubernetesConfig | None = None
 
     def with_host_cache(self, enabled: bool) -> "ClusterConfig":
         """This cluster with the servers' host-memory model caches on, or all set to 0 (an
@@ -132,22 +157,44 @@ def cluster_from_dict(d: dict) -> ClusterConfig:
                                      nic_gbps=float(s["nic_gbps"]),
                                      host_memory_gb=float(s.get("host_memory_gb", 64.0)),
                                      cache_gb=float(s.get("cache_gb", 0.0)))
-                        for s in d["servers"])
+                        for s in d.get("servers") or ())
         scale = ScaleConfig(**{k: float(v) for k, v in (d.get("scale") or {}).items()})
         egress = (d.get("storage") or {}).get("egress_gbps")
+        kube = d.get("kubernetes")
         cfg = ClusterConfig(servers=servers, device=str(d.get("device", "cpu")),
                             share=bool(d.get("share", True)),
-                            egress_gbps=None if egress is None else float(egress), scale=scale)
+                            egress_gbps=None if egress is None else float(egress), scale=scale,
+                            kubernetes=None if kube is None else kubernetes_from_dict(kube))
+    except ConfigError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"cluster config: {e!r}") from None
     names = [s.name for s in cfg.servers]
-    if not names:
+    if not names and cfg.kubernetes is None:
         raise ConfigError("cluster config: no servers")
     if len(set(names)) != len(names) or not all(NAME.match(n) for n in names):
         raise ConfigError(f"cluster config: server names must be unique and simple: {names}")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"cluster config: device must be cpu or cuda, not {cfg.device!r}")
     return cfg
+
+
+def kubernetes_from_dict(d: dict) -> KubernetesConfig:
+    if not isinstance(d, dict):
+        raise ConfigError("cluster config: `kubernetes` must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(KubernetesConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"cluster config: kubernetes: unknown key(s) {unknown}; "
+                          f"known: {sorted(fields)}")
+    out = {}
+    for k, v in d.items():
+        default = getattr(KubernetesConfig, k)
+        if v is None or isinstance(default, str) or default is None:
+            out[k] = None if v is None else str(v)
+        else:
+            out[k] = type(default)(v)
+    return KubernetesConfig(**out)
 
 
 def cluster_to_dict(cfg: ClusterConfig) -> dict:
@@ -157,7 +204,8 @@ def cluster_to_dict(cfg: ClusterConfig) -> dict:
             "scale": dataclasses.asdict(cfg.scale),
             "servers": [{"name": s.name, "gpus": list(s.gpus), "nic_gbps": s.nic_gbps,
                          "host_memory_gb": s.host_memory_gb, "cache_gb": s.cache_gb}
-                        for s in cfg.servers]}
+                        for s in cfg.servers],
+            **({"kubernetes": dataclasses.asdict(cfg.kubernetes)} if cfg.kubernetes else {})}
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:

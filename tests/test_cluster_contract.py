@@ -1,8 +1,10 @@
 """The cluster-backend contract: what the control plane may rely on from any backend, run
 against each one: the local backend (real store, agents and worker processes, on the event
-loop of asyncio.run) and the simulator's (simulated workers on the virtual-time loop, where any
-real I/O, thread or wall-clock read would fail the test). The Kubernetes backend is to pass the
-same suite."""
+loop of asyncio.run), the Kubernetes backend's (worker pods created through the real
+`kubernetes` client against the fake API server of tests/kubefake.py, whose kubelet runs the
+store, the agents and every worker pod as local processes) and the simulator's (simulated
+workers on the virtual-time loop, where any real I/O, thread or wall-clock read would fail the
+test)."""
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +29,43 @@ def make_local(cfg: ClusterConfig) -> tuple[ClusterBackend, object]:
     return LocalCluster(cfg), asyncio.run
 
 
+def make_kubernetes(cfg: ClusterConfig) -> tuple[ClusterBackend, object]:
+    """The backend against a fake API server (no real one can run here, see tests/kubefake.py);
+    the model store's volume is a folder with the model linked in as ``m``."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from kubefake import FakeKubernetes, hydraserve_nodes, start_hydraserve
+
+    from hydraserve.cluster.kubernetes import KubernetesCluster, api_client
+    from hydraserve.config import KubernetesConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="hydraserve-kube-"))
+    (tmp / "models").mkdir()
+    fake = FakeKubernetes(hydraserve_nodes(cfg), tmp / "logs").start()
+    kcfg = KubernetesConfig(store_url=None, grace_period_s=5)
+
+    class Backend(KubernetesCluster):
+        def register_model(self, name: str, path: str) -> None:
+            (tmp / "models" / name).symlink_to(Path(path).resolve())  # the volume's content
+            super().register_model(name, path)
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                fake.close()
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    start_hydraserve(fake, cfg, str(tmp / "models"))
+    client = api_client(str(fake.write_kubeconfig(tmp / "kubeconfig")))
+    backend = Backend(dataclasses.replace(cfg, kubernetes=kcfg), client)
+    backend.fake = fake
+    return backend, asyncio.run
+
+
 def make_sim(cfg: ClusterConfig) -> tuple[ClusterBackend, object]:
     from hydraserve.sim import loop
     from hydraserve.sim.cluster import SimCluster
@@ -41,7 +80,7 @@ def make_sim(cfg: ClusterConfig) -> tuple[ClusterBackend, object]:
     return cluster, run
 
 
-BACKENDS = {"local": make_local, "sim": make_sim}
+BACKENDS = {"local": make_local, "kubernetes": make_kubernetes, "sim": make_sim}
 
 
 @pytest.fixture(params=sorted(BACKENDS), scope="module")

@@ -53,6 +53,33 @@ class HttpApi:
             self._session = None
 
 
+class HttpServices:
+    """The calls on a cluster's model store and storage agents, for a backend that has ``_api``
+    (an `HttpApi`), ``nodes()``, ``store_url()`` and ``agent_url(node)``."""
+
+    _api: HttpApi
+
+    async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
+        body = await self._api.get(f"{self.store_url()}/models/{model}/layout?p={p}")
+        return [tuple(s["layers"]) for s in body["stages"]]
+
+    async def prefetch(self, node: str, model: str, kind: str, p: int, rank: int) -> None:
+        await self._api.post(self.agent_url(node) + "/prefetch",
+                             {"model": model, "kind": kind, "p": p, "rank": rank})
+
+    async def cached_models(self, node: str) -> set[str]:
+        return set((await self._api.get(self.agent_url(node) + "/cache")).get("models", ()))
+
+    async def warm_cache(self, model: str) -> None:
+        """Every node's agent pulls ``model`` whole into its host cache; returns when all have it."""
+        await asyncio.gather(*(self.prefetch(s.name, model, "full", 1, 0) for s in self.nodes()))
+        for s in self.nodes():
+            url = self.agent_url(s.name)
+            for r in (await self._api.get(url + "/regions"))["regions"]:
+                if r["model"] == model:
+                    await self._api.get(f"{url}/regions/{r['id']}?wait=1")
+
+
 class HttpWorker:
     """`WorkerClient` of a worker serving its control API at ``url``."""
 

@@ -14,14 +14,14 @@ import threading
 from pathlib import Path
 
 from hydraserve.cluster.base import WorkerSpec, worker_args
-from hydraserve.cluster.http import HttpApi, HttpWorker
+from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.launch import ServerProcess
 
 log = logging.getLogger("hydraserve.cluster")
 
 
-class LocalCluster:
+class LocalCluster(HttpServices):
     def __init__(self, cfg: ClusterConfig, log_dir: str | None = None):
         self.cfg = cfg
         self._tmp = Path(tempfile.mkdtemp(prefix="hydraserve-cluster-"))
@@ -73,26 +73,6 @@ class LocalCluster:
             link.unlink()
 
     # -- what the control plane calls on its loop (blocking steps run in an executor) ---------
-    async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
-        body = await self._api.get(f"{self.store_url()}/models/{model}/layout?p={p}")
-        return [tuple(s["layers"]) for s in body["stages"]]
-
-    async def prefetch(self, node: str, model: str, kind: str, p: int, rank: int) -> None:
-        await self._api.post(self.agent_url(node) + "/prefetch",
-                             {"model": model, "kind": kind, "p": p, "rank": rank})
-
-    async def cached_models(self, node: str) -> set[str]:
-        return set((await self._api.get(self.agent_url(node) + "/cache")).get("models", ()))
-
-    async def warm_cache(self, model: str) -> None:
-        await asyncio.gather(*(self.prefetch(s.name, model, "full", 1, 0)
-                               for s in self.cfg.servers))
-        for s in self.cfg.servers:
-            url = self.agent_url(s.name)
-            for r in (await self._api.get(url + "/regions"))["regions"]:
-                if r["model"] == model:
-                    await self._api.get(f"{url}/regions/{r['id']}?wait=1")
-
     async def start_worker(self, spec: WorkerSpec) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._start_worker, spec)
 

@@ -1,0 +1,484 @@
+"""The Kubernetes backend: workers are pods, created through the official `kubernetes` client.
+
+What it expects in its namespace (scripts/kubernetes/manifests ships it): the model store
+(Deployment + Service), a storage agent on every HydraServe node (DaemonSet; the agent and the
+workers share the host's IPC and PID namespaces, so a worker maps the agent's shared-memory
+regions and the agent sees which reader processes are alive), and nodes labelled by
+scripts/kubernetes/label_nodes.py:
+
+    hydraserve.io/share      "1": GPUs shared by memory, "0": exclusive (a node is a server iff
+                             it carries this label)
+    hydraserve.io/nic-gbps   its NIC bandwidth (default: KubernetesConfig.default_nic_gbps)
+    hydraserve.io/cache-gb   its host-memory model cache
+    GPUs: capacity nvidia.com/gpu and NVIDIA feature discovery's nvidia.com/gpu.memory (MiB),
+    or hydraserve.io/gpus and hydraserve.io/gpu-memory-gb where feature discovery is absent.
+
+A worker pod runs ``hydraserve worker`` with the same arguments as a local worker process,
+bound to its pod IP, pinned to the chosen node by a required node affinity, and claims its GPU
+share as an extended resource (``gpu_resource`` for exclusive GPUs, ``share_resource`` in units
+of ``share_unit_gb`` for GPUs shared by memory). One watch on the namespace's HydraServe pods
+keeps the backend's view current (a 410 Gone relists); a worker is ready when its pod is Ready
+(its readiness probe is the worker's /health) and its control API answers. Worker pods carry
+this gateway's name as a label, and those left by a gateway that crashed are deleted at start.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+
+from hydraserve.cluster.base import WorkerError, WorkerSpec, worker_args
+from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
+from hydraserve.config import ClusterConfig, ConfigError, KubernetesConfig, ServerConfig
+
+log = logging.getLogger("hydraserve.cluster")
+
+PART_OF = "app.kubernetes.io/part-of"
+COMPONENT = "app.kubernetes.io/component"
+GATEWAY = "hydraserve.io/gateway"
+WORKER_ID = "hydraserve.io/worker-id"
+MODEL = "hydraserve.io/model"
+RANK = "hydraserve.io/rank"
+NODE_SHARE = "hydraserve.io/share"
+NODE_NIC = "hydraserve.io/nic-gbps"
+NODE_CACHE = "hydraserve.io/cache-gb"
+NODE_GPUS = "hydraserve.io/gpus"
+NODE_GPU_MEMORY = "hydraserve.io/gpu-memory-gb"
+GFD_GPU_MEMORY = "nvidia.com/gpu.memory"  # MiB per GPU (NVIDIA GPU feature discovery)
+GPU_CAPACITY = "nvidia.com/gpu"
+
+# every (resource, verb) this backend calls; the Role in scripts/kubernetes/manifests/rbac.yaml
+# grants exactly these (plus nodes/patch, for label_nodes.py), and a test holds them equal
+VERBS = frozenset({("nodes", "list"), ("pods", "create"), ("pods", "get"), ("pods", "list"),
+                   ("pods", "watch"), ("pods", "delete"), ("pods/log", "get")})
+
+
+def label_value(s: str) -> str:
+    """``s`` as a label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
+    v = re.sub(r"[^A-Za-z0-9._-]", "-", s)[:63].strip("._-")
+    return v or "x"
+
+
+def pod_name(worker_id: str, run: str) -> str:
+    """The pod of a worker: ``hs-<id>-<run>`` as a DNS label (at most 63 characters); ``run``
+    tells one gateway's workers from an earlier one's, whose pods may still be terminating."""
+    v = re.sub(r"[^a-z0-9-]", "-", worker_id.lower())[:63 - 4 - len(run)].strip("-")
+    return f"hs-{v}-{run}"
+
+
+def servers_from_nodes(nodes: list[dict], kcfg: KubernetesConfig) -> tuple[
+        tuple[ServerConfig, ...], bool | None]:
+    """The servers of a cluster (nodes carrying the share label) and its sharing mode (None
+    where no node is labelled); a node whose GPUs cannot be read is an error naming it."""
+    servers, modes = [], set()
+    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        name = node["metadata"]["name"]
+        labels = node["metadata"].get("labels") or {}
+        if NODE_SHARE not in labels:
+            continue
+        modes.add(labels[NODE_SHARE] == "1")
+        capacity = (node.get("status") or {}).get("capacity") or {}
+        try:
+            count = int(labels.get(NODE_GPUS) or capacity.get(GPU_CAPACITY) or 0)
+            if NODE_GPU_MEMORY in labels:
+                memory = float(labels[NODE_GPU_MEMORY])
+            elif GFD_GPU_MEMORY in labels:
+                memory = float(labels[GFD_GPU_MEMORY]) * 2**20 / 1e9
+            else:
+                memory = 0.0
+            nic = float(labels.get(NODE_NIC, kcfg.default_nic_gbps))
+            cache = float(labels.get(NODE_CACHE, 0.0))
+        except ValueError as e:
+            raise ConfigError(f"node {name}: a hydraserve label is not a number ({e})") from None
+        if count <= 0 or memory <= 0:
+            raise ConfigError(
+                f"node {name} is labelled {NODE_SHARE} but its GPUs are unknown: it needs "
+                f"capacity {GPU_CAPACITY} (or label {NODE_GPUS}) and label {GFD_GPU_MEMORY} "
+                f"(or {NODE_GPU_MEMORY}); see scripts/kubernetes/label_nodes.py")
+        servers.append(ServerConfig(name=name, gpus=(memory,) * count, nic_gbps=nic,
+                                    cache_gb=cache))
+    if len(modes) > 1:
+        raise ConfigError(f"nodes disagree on {NODE_SHARE} (some 0, some 1): label them all "
+                          "for one experiment (SHARE=0|1 scripts/kubernetes/label_nodes.py)")
+    return tuple(servers), (modes.pop() if modes else None)
+
+
+def worker_pod(spec: WorkerSpec, kcfg: KubernetesConfig, agent_url: str, share: bool,
+               run: str = "0") -> dict:
+    """The pod that runs ``spec``: the local backend's worker command, bound to the pod's IP,
+    pinned to ``spec.node``, claiming its GPU share."""
+    if spec.engine == "vllm":  # the image's own Python has vLLM
+        args = worker_args(dataclasses.replace(spec, vllm_python=None), agent_url)
+    else:
+        args = worker_args(spec, agent_url)
+    args += ["--host", "$(POD_IP)", "--port", str(kcfg.worker_port),
+             "--stage-port", str(kcfg.stage_port)]
+    limits: dict[str, str] = {}
+    if share and kcfg.share_resource:
+        gb = spec.gpu_memory_gb or kcfg.share_unit_gb
+        limits[kcfg.share_resource] = str(max(1, math.ceil(gb / kcfg.share_unit_gb - 1e-9)))
+    elif not share and kcfg.gpu_resource:
+        limits[kcfg.gpu_resource] = "1"
+    container = {
+        "name": "worker",
+        "image": kcfg.vllm_image if spec.engine == "vllm" else kcfg.worker_image,
+        "imagePullPolicy": kcfg.image_pull_policy,
+        "command": ["hydraserve"],
+        "args": args,
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": kcfg.worker_port},
+                  {"name": "stage", "containerPort": kcfg.stage_port}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                           "periodSeconds": 1, "failureThreshold": 3},
+        "volumeMounts": [{"name": "dev-shm", "mountPath": "/dev/shm"}],
+    }
+    if limits:
+        container["resources"] = {"limits": limits}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name(spec.worker_id, run), "labels": {
+            PART_OF: "hydraserve", COMPONENT: "worker", GATEWAY: label_value(kcfg.gateway_name),
+            WORKER_ID: label_value(spec.worker_id), MODEL: label_value(spec.model),
+            RANK: str(spec.rank)}},
+        "spec": {
+            "restartPolicy": "Never",
+            "hostIPC": True,
+            "hostPID": True,
+            "automountServiceAccountToken": False,
+            # the agent's user: a shared-memory region is readable by its owner only
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001},
+            "terminationGracePeriodSeconds": kcfg.grace_period_s,
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [spec.node]}]}]}}},
+            "containers": [container],
+            "volumes": [{"name": "dev-shm", "hostPath": {"path": "/dev/shm",
+                                                         "type": "Directory"}}],
+        },
+    }
+
+
+def _ready(pod: dict) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds) \
+        and bool(pod["status"].get("podIP")) and not pod["metadata"].get("deletionTimestamp")
+
+
+def _phase(pod: dict) -> str:
+    return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+class KubernetesCluster(HttpServices):
+    """`ClusterBackend` on a Kubernetes cluster. ``api_client``: a configured
+    ``kubernetes.client.ApiClient`` (see `api_client`)."""
+
+    def __init__(self, cfg: ClusterConfig, api_client) -> None:
+        from kubernetes import client
+
+        self.kcfg = cfg.kubernetes or KubernetesConfig()
+        self.ns = self.kcfg.namespace
+        self.core = client.CoreV1Api(api_client)
+        self._api = HttpApi()
+        self._pods: dict[str, dict] = {}  # name -> pod, HydraServe's pods in the namespace
+        self._ever: set[str] = set()  # names of every pod the watch has shown
+        self._cv = threading.Condition()
+        self._synced = False
+        self._closing = threading.Event()
+        self._watch = None
+        self._thread: threading.Thread | None = None
+        self._workers: dict[str, str] = {}  # worker id -> pod name
+        self._run = secrets.token_hex(3)
+        nodes = self._raw(self.core.list_node)["items"]
+        self._servers, share = servers_from_nodes(nodes, self.kcfg)
+        if not self._servers:
+            raise ConfigError(f"no node carries the label {NODE_SHARE}: label the GPU nodes "
+                              "with scripts/kubernetes/label_nodes.py (SHARE=0|1)")
+        self.share = cfg.share if share is None else share
+        if share is not None and share != cfg.share:
+            log.warning("the nodes are labelled %s=%d: GPUs are %s (the cluster file's `share` "
+                        "is ignored)", NODE_SHARE, share, "shared" if share else "exclusive")
+        self.cfg = dataclasses.replace(cfg, servers=self._servers, share=self.share)
+        self._store_url: str | None = self.kcfg.store_url
+
+    def cluster_config(self) -> ClusterConfig:
+        """The cluster file's settings with the servers (and sharing mode) read from the nodes."""
+        return self.cfg
+
+    def _raw(self, fn, *args, **kw) -> dict:
+        resp = fn(*args, _preload_content=False, _request_timeout=30, **kw)
+        return json.loads(resp.data)
+
+    # -- start and the watch ---------------------------------------------------------------------
+    def start(self) -> None:
+        workers = self._raw(self.core.list_namespaced_pod, self.ns, label_selector=(
+            f"{COMPONENT}=worker,{GATEWAY}={label_value(self.kcfg.gateway_name)}"))["items"]
+        for pod in workers:
+            self._delete(pod["metadata"]["name"])
+        if workers:
+            log.warning("deleted %d worker pod(s) left by an earlier gateway %r", len(workers),
+                        self.kcfg.gateway_name)
+        self._thread = threading.Thread(target=self._watch_loop, daemon=True,
+                                        name="hydraserve-kube-watch")
+        self._thread.start()
+        deadline = time.monotonic() + self.kcfg.start_timeout_s
+        with self._cv:
+            while True:
+                missing = [s.name for s in self._servers if self._agent(s.name) is None]
+                store = self._store_url or self._store_pod_url()
+                if self._synced and not missing and store:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    what = [f"no ready storage agent on {', '.join(missing)}"] if missing else []
+                    what += [] if store else ["no ready model store"]
+                    raise RuntimeError(f"kubernetes namespace {self.ns}: {'; '.join(what)} "
+                                       f"after {self.kcfg.start_timeout_s:.0f} s (is "
+                                       "scripts/kubernetes/manifests applied?)")
+                self._cv.wait(min(left, 1.0))
+        log.info("kubernetes cluster: namespace %s, %d servers (%s GPUs), store %s",
+                 self.ns, len(self._servers), "shared" if self.share else "exclusive",
+                 self.store_url())
+
+    def _watch_loop(self) -> None:
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        rv = None
+        while not self._closing.is_set():
+            try:
+                if rv is None:
+                    listed = self._raw(self.core.list_namespaced_pod, self.ns,
+                                       label_selector=f"{PART_OF}=hydraserve")
+                    with self._cv:
+                        self._pods = {p["metadata"]["name"]: p for p in listed["items"]}
+                        self._ever.update(self._pods)
+                        self._synced = True
+                        self._cv.notify_all()
+                    rv = listed["metadata"]["resourceVersion"]
+                self._watch = watch.Watch()
+                for ev in self._watch.stream(self.core.list_namespaced_pod, self.ns,
+                                             label_selector=f"{PART_OF}=hydraserve",
+                                             resource_version=rv, timeout_seconds=10,
+                                             _request_timeout=30):
+                    pod = ev["raw_object"]
+                    rv = pod["metadata"]["resourceVersion"]
+                    with self._cv:
+                        if ev["type"] == "DELETED":
+                            self._pods.pop(pod["metadata"]["name"], None)
+                        else:
+                            self._pods[pod["metadata"]["name"]] = pod
+                            self._ever.add(pod["metadata"]["name"])
+                        self._cv.notify_all()
+                    if self._closing.is_set():
+                        break
+            except ApiException as e:
+                if e.status == 410:
+                    log.info("kubernetes watch expired (410 Gone): listing again")
+                else:
+                    log.warning("kubernetes watch failed: %s %s", e.status, e.reason)
+                    self._closing.wait(1.0)
+                rv = None
+            except Exception as e:  # noqa: BLE001 - a broken connection: list and watch again
+                if not self._closing.is_set():
+                    log.warning("kubernetes watch broke (%s: %s); listing again",
+                                type(e).__name__, e)
+                    self._closing.wait(1.0)
+                rv = None
+
+    def _agent(self, node: str) -> dict | None:
+        for pod in self._pods.values():
+            labels = pod["metadata"].get("labels") or {}
+            if labels.get(COMPONENT) == "storage-agent" and \
+                    pod["spec"].get("nodeName") == node and _ready(pod):
+                return pod
+        return None
+
+    def _store_pod_url(self) -> str | None:
+        for pod in self._pods.values():
+            if (pod["metadata"].get("labels") or {}).get(COMPONENT) == "model-store" \
+                    and _ready(pod):
+                return f"http://{pod['status']['podIP']}:8100"
+        return None
+
+    # -- what the control plane reads --------------------------------------------------------
+    def nodes(self) -> tuple[ServerConfig, ...]:
+        return self._servers
+
+    def store_url(self) -> str:
+        with self._cv:
+            url = self._store_url or self._store_pod_url()
+        if url is None:
+            raise WorkerError("no ready model store pod", 503)
+        return url
+
+    def agent_url(self, node: str) -> str:
+        with self._cv:
+            pod = self._agent(node)
+        if pod is None:
+            raise WorkerError(f"node {node} has no ready storage agent pod", 503)
+        return f"http://{pod['status']['podIP']}:{self.kcfg.agent_port}"
+
+    def agent_urls(self) -> dict[str, str]:
+        out = {}
+        for s in self._servers:
+            try:
+                out[s.name] = self.agent_url(s.name)
+            except WorkerError:
+                pass
+        return out
+
+    def register_model(self, name: str, path: str) -> None:
+        """Models live in the store's volume, under their names; the gateway reads the same
+        files at ``path`` (its own mount of that volume) for the tokenizer and sizes."""
+        log.info("model %s: the store serves it from its volume as %r", name, name)
+
+    def unregister_model(self, name: str) -> None:
+        pass
+
+    # -- workers -----------------------------------------------------------------------------
+    async def start_worker(self, spec: WorkerSpec) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._start_worker, spec)
+
+    def _start_worker(self, spec: WorkerSpec) -> None:
+        from kubernetes.client.rest import ApiException
+
+        body = worker_pod(spec, self.kcfg, self.agent_url(spec.node), self.share, self._run)
+        name = body["metadata"]["name"]
+        try:
+            self.core.create_namespaced_pod(self.ns, body, _request_timeout=30)
+        except ApiException as e:
+            raise WorkerError(f"creating pod {name}: {e.status} {_message(e)}",
+                              500 if e.status >= 500 else 503) from None
+        self._workers[spec.worker_id] = name
+        log.info("worker %s: pod %s on %s", spec.worker_id, name, spec.node)
+
+    async def wait_worker(self, worker_id: str, timeout: float = 120.0) -> HttpWorker:
+        loop = asyncio.get_running_loop()
+        ip = await loop.run_in_executor(None, self._wait_ready, worker_id, timeout)
+        client = HttpWorker(self._api, f"http://{ip}:{self.kcfg.worker_port}", host=ip)
+        await client.health()
+        return client
+
+    def _wait_ready(self, worker_id: str, timeout: float) -> str:
+        name = self._workers.get(worker_id)
+        if name is None:
+            raise WorkerError(f"worker {worker_id} was never started", 404)
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                pod = self._pods.get(name)
+                if pod is not None and _ready(pod):
+                    return pod["status"]["podIP"]
+                if pod is not None and _phase(pod) in ("Failed", "Succeeded"):
+                    break
+                if pod is None and name in self._ever:
+                    break  # deleted
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 1.0))
+        raise WorkerError(self._why(name, pod, timeout), 503)
+
+    def _why(self, name: str, pod: dict | None, timeout: float) -> str:
+        if pod is None:
+            return f"pod {name} was deleted before it was ready"
+        status = pod.get("status") or {}
+        what = f"pod {name} is {_phase(pod)}"
+        for c in status.get("conditions") or []:
+            if c.get("status") == "False" and c.get("message"):
+                what += f" ({c['type']}: {c.get('reason')}: {c['message']})"
+        for cs in status.get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                what += f", its container exited with code {term.get('exitCode')}"
+        if _phase(pod) not in ("Failed", "Succeeded"):
+            what += f", not ready after {timeout:.0f} s"
+        try:
+            tail = self.core.read_namespaced_pod_log(name, self.ns, tail_lines=20,
+                                                     _request_timeout=10)
+            if tail:
+                what += "; its log ends:\n" + tail
+        except Exception:  # noqa: BLE001 - the log is a courtesy
+            pass
+        return what
+
+    def worker_alive(self, worker_id: str) -> bool:
+        name = self._workers.get(worker_id)
+        if name is None:
+            return False
+        with self._cv:
+            pod = self._pods.get(name)
+            if pod is None:  # created, and the watch has not shown it yet: Pending
+                return name not in self._ever
+        return not pod["metadata"].get("deletionTimestamp") and \
+            _phase(pod) in ("Pending", "Running")
+
+    async def stop_worker(self, worker_id: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_worker, worker_id)
+
+    def _stop_worker(self, worker_id: str) -> None:
+        name = self._workers.pop(worker_id, None)
+        if name is not None:
+            self._delete(name)
+            self._wait_gone(name, self.kcfg.grace_period_s + 10)
+
+    def _delete(self, name: str) -> None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self.core.delete_namespaced_pod(name, self.ns,
+                                            grace_period_seconds=self.kcfg.grace_period_s,
+                                            _request_timeout=30)
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("deleting pod %s: %s %s", name, e.status, _message(e))
+
+    def _wait_gone(self, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while name in self._pods and time.monotonic() < deadline and \
+                    self._thread is not None and self._thread.is_alive():
+                self._cv.wait(min(1.0, deadline - time.monotonic()))
+
+    async def aclose(self) -> None:
+        await self._api.close()
+
+    def close(self) -> None:
+        for wid in list(self._workers):
+            name = self._workers.pop(wid)
+            self._delete(name)
+        with self._cv:
+            names = [n for n, p in self._pods.items()
+                     if (p["metadata"].get("labels") or {}).get(COMPONENT) == "worker"]
+        for name in names:
+            self._wait_gone(name, self.kcfg.grace_period_s + 10)
+        self._closing.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+
+def _message(e) -> str:
+    try:
+        return json.loads(e.body).get("message", e.reason)
+    except (TypeError, ValueError):
+        return str(e.reason)
+
+
+def api_client(kubeconfig: str | None = None):
+    """A client for ``kubeconfig`` (a path), else the pod's service account when running in a
+    cluster, else the default kubeconfig (~/.kube/config)."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
