@@ -127,7 +127,9 @@ def test_namespaces_and_labels():
         else:
             assert md["namespace"] == NAMESPACE, where
         assert PART_OF.items() <= md["labels"].items(), where
-    assert _one("Namespace", NAMESPACE)
+    # host IPC/PID and hostPath (agent, workers) are beyond the Pod Security baseline level
+    ns_labels = _one("Namespace", NAMESPACE)["metadata"]["labels"]
+    assert ns_labels["pod-security.kubernetes.io/enforce"] == "privileged"
     components = {"hydraserve-store": "model-store", "hydraserve-agent": "storage-agent",
                   "hydraserve-gateway": "gateway"}
     for kind, name in [("Deployment", "hydraserve-store"), ("DaemonSet", "hydraserve-agent"),
