@@ -37,6 +37,8 @@ setup(
             "openai>=1.30",
             "matplotlib>=3.7",  # the figure scripts
             "accelerate>=1.0",  # transformers' own GGUF loading, the reference of import-gguf
+            "kubernetes>=29",  # scripts/kubernetes: label_nodes.py and the manifests' tests
+            "kubernetes-validate>=1.35",  # the manifests' schema checks (Kubernetes 1.35)
         ],
     },
     entry_points={"console_scripts": ["hydraserve=hydraserve.cli:main"]},
