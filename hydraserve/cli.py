@@ -343,8 +343,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "times: the input of `hydraserve workload analyze --lifecycle` (GPU cost)")
     p.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local",
                    help="where workers run: local (default: processes on this machine, the "
-                        "servers of --cluster emulated) or kubernetes (worker containers on a "
-                        "real cluster; not available in this version)")
+                        "servers of --cluster emulated) or kubernetes (worker pods on a cluster "
+                        "deployed with scripts/kubernetes/manifests; servers are the nodes "
+                        "labelled by label_nodes.py, settings in the cluster file's "
+                        "`kubernetes:` section)")
+    p.add_argument("--kubeconfig", default=None,
+                   help="with --cluster-backend kubernetes: the kubeconfig to use (default: "
+                        "KUBECONFIG, else the pod's service account, else ~/.kube/config)")
     p.add_argument("--engine", choices=["hydraserve", "vllm"], default="hydraserve",
                    help="the workers' engine (default: hydraserve). vllm: each cold start "
                         "fetches the whole model to the node through the same storage path, then "
@@ -393,11 +398,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from hydraserve.control.presets import preset
 
-    if args.cluster_backend != "local":
-        log.error("--cluster-backend %s: this version runs the local backend only; the "
-                  "Kubernetes backend (worker containers through the kubernetes client) is "
-                  "not built yet", args.cluster_backend)
-        return 2
     vllm_python = None
     if args.engine == "vllm":
         from hydraserve.worker.vllm_worker import NO_VLLM, find_vllm_python
@@ -408,10 +408,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                       "hydraserve_with_single_worker, without --static-p")
             return 2
         vllm_python = find_vllm_python(args.vllm_python)
-        if vllm_python is None:
+        if vllm_python is None and args.cluster_backend == "local":
             log.error("--engine vllm: %s", NO_VLLM)
             return 2
-    cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
+    if args.cluster_backend == "kubernetes":
+        from hydraserve.cluster.kubernetes import KubernetesCluster, api_client
+        from hydraserve.config import ClusterConfig, KubernetesConfig
+
+        cluster_cfg = load_cluster(args.cluster) if args.cluster else ClusterConfig(
+            servers=(), device="cuda", kubernetes=KubernetesConfig())
+        try:
+            backend = KubernetesCluster(cluster_cfg, api_client(
+                args.kubeconfig or os.environ.get("KUBECONFIG")))
+        except Exception as e:  # noqa: BLE001 - no cluster, no labels: say which, and stop
+            log.error("--cluster-backend kubernetes: %s: %s", type(e).__name__, e)
+            return 2
+        cluster_cfg = backend.cluster_config()
+    else:
+        cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
     cluster_cfg = cluster_cfg.with_host_cache(preset(args.exec_type).cache)
     models = load_models(args.models) if args.models else [
         ModelConfigEntry(name=DEFAULT_MODEL, path=_default_model(), ttft_slo_s=DEFAULT_TTFT_SLO_S)]
@@ -439,7 +453,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]).choices[0].message.content)"
 """, flush=True)
 
-    gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir), models)
+    if args.cluster_backend == "kubernetes":
+        backend.cfg = cluster_cfg  # with the execution type's host cache
+    else:
+        backend = LocalCluster(cluster_cfg, args.log_dir)
+    gateway = Gateway(gw, cluster_cfg, backend, models)
     config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
     # signal to the handler it found: make that a no-op so a clean stop exits with status 0

@@ -25,7 +25,7 @@ in command and args are expanded from the container's env (plain values and the 
 ``status.podIP``, ``status.hostIP``, ``spec.nodeName``, ``metadata.name``,
 ``metadata.namespace``), a command ``hydraserve`` runs this Python's ``-m hydraserve.cli``, and
 the output goes to the pod's log. Every pod gets its own loopback address (node i's pods are on
-127.(10+i).0.x), so pods bind fixed ports as on a real cluster. A readinessProbe (httpGet or
+127.(10+i).S.x, S random per fake), so pods bind fixed ports as on a real cluster. A readinessProbe (httpGet or
 tcpSocket) is run against the pod's address; phases, container states, exit codes, restart
 counts (restartPolicy Always) and the Ready condition are reported in the pod's status.
 
@@ -45,6 +45,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -141,6 +142,7 @@ class FakeKubernetes:
         self.watchers: set[asyncio.Queue] = set()
         self.procs: dict[tuple[str, str], subprocess.Popen] = {}
         self.ips = itertools.count(2)
+        self.subnet = secrets.randbelow(256)  # pods of two fakes (or a leftover) never clash
         self.node_index = {name: i for i, name in enumerate(nodes)}
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -157,7 +159,7 @@ class FakeKubernetes:
                            "conditions": [{"type": "Ready", "status": "True"}]}}, "ADDED")
 
     def host_ip(self, node: str) -> str:
-        return f"127.{10 + self.node_index[node]}.0.1"
+        return f"127.{10 + self.node_index[node]}.{self.subnet}.1"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "FakeKubernetes":
@@ -502,7 +504,7 @@ class FakeKubernetes:
     async def _kubelet_run(self, ns: str, name: str) -> None:
         pod = self.objects[("pods", ns, name)]
         node = pod["spec"]["nodeName"]
-        ip = f"127.{10 + self.node_index[node]}.0.{next(self.ips)}"
+        ip = f"127.{10 + self.node_index[node]}.{self.subnet}.{next(self.ips)}"
         restarts = 0
         log_path = self.log_dir / f"{ns}_{name}.log"
         while True:

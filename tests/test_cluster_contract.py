@@ -59,9 +59,13 @@ def make_kubernetes(cfg: ClusterConfig) -> tuple[ClusterBackend, object]:
                 fake.close()
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    start_hydraserve(fake, cfg, str(tmp / "models"))
-    client = api_client(str(fake.write_kubeconfig(tmp / "kubeconfig")))
-    backend = Backend(dataclasses.replace(cfg, kubernetes=kcfg), client)
+    try:
+        start_hydraserve(fake, cfg, str(tmp / "models"))
+        client = api_client(str(fake.write_kubeconfig(tmp / "kubeconfig")))
+        backend = Backend(dataclasses.replace(cfg, kubernetes=kcfg), client)
+    except BaseException:
+        fake.close()
+        raise
     backend.fake = fake
     return backend, asyncio.run
 
@@ -86,10 +90,12 @@ BACKENDS = {"local": make_local, "kubernetes": make_kubernetes, "sim": make_sim}
 @pytest.fixture(params=sorted(BACKENDS), scope="module")
 def backend_and_run(request, model_dirs):
     cluster, run = BACKENDS[request.param](CFG)
-    cluster.start()
-    cluster.register_model("m", model_dirs["llama"])
-    yield cluster, run
-    cluster.close()
+    try:
+        cluster.start()
+        cluster.register_model("m", model_dirs["llama"])
+        yield cluster, run
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

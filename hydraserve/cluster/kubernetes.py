@@ -178,6 +178,8 @@ class KubernetesCluster(HttpServices):
     """`ClusterBackend` on a Kubernetes cluster. ``api_client``: a configured
     ``kubernetes.client.ApiClient`` (see `api_client`)."""
 
+    WATCH_TIMEOUT_S = 10  # each watch request ends after this long and is renewed
+
     def __init__(self, cfg: ClusterConfig, api_client) -> None:
         from kubernetes import client
 
@@ -264,7 +266,7 @@ class KubernetesCluster(HttpServices):
                 self._watch = watch.Watch()
                 for ev in self._watch.stream(self.core.list_namespaced_pod, self.ns,
                                              label_selector=f"{PART_OF}=hydraserve",
-                                             resource_version=rv, timeout_seconds=10,
+                                             resource_version=rv, timeout_seconds=self.WATCH_TIMEOUT_S,
                                              _request_timeout=30):
                     pod = ev["raw_object"]
                     rv = pod["metadata"]["resourceVersion"]

@@ -314,6 +314,8 @@ class Controller:
                 spec = WorkerSpec(worker_id=s.worker_id, model=ep.name, node=s.node, rank=s.rank,
                                   p=p, layers=s.layers, all_card=s.all_card,
                                   num_kv_blocks=ep.num_kv_blocks, device=self.cluster_cfg.device,
+                                  # on GPUs half precision, as the memory claims assume
+                                  dtype="float16" if self.cluster_cfg.device == "cuda" else "float32",
                                   max_model_len=self.gw.max_model_len,
                                   late_attach=not self.preset.prefetch,
                                   streaming_load=self.preset.streaming_load,
