@@ -326,3 +326,33 @@ def test_the_role_allows_exactly_what_the_backend_calls(kube_gateway):
     assert used <= granted, used - granted
     assert used <= kube.VERBS, used - kube.VERBS  # VERBS lists every call the backend makes
     assert granted == kube.VERBS | {("nodes", "get"), ("nodes", "patch")}
+
+
+def test_label_nodes_then_the_backend_reads_the_servers(tmp_path):
+    """label_nodes.py (a real process, the real client, over HTTP) labels the fake cluster's
+    nodes; the backend then finds exactly those servers and the sharing mode."""
+    import os
+    import subprocess
+    import sys
+
+    f = FakeKubernetes({"gpu-a": {"capacity": {"nvidia.com/gpu": "2"},
+                                  "labels": {"nvidia.com/gpu.memory": "81559"}},
+                        "gpu-b": {"capacity": {"nvidia.com/gpu": "1"},
+                                  "labels": {"nvidia.com/gpu.memory": "81559"}},
+                        "cpu-c": {"capacity": {"cpu": "8"}}}, tmp_path / "pods").start()
+    try:
+        kc = f.write_kubeconfig(tmp_path / "kc")
+        run = subprocess.run([sys.executable, str(ROOT / "scripts/kubernetes/label_nodes.py"),
+                              "--nic-gbps", "100", "--cache-gb", "64"],
+                             env={**os.environ, "KUBECONFIG": str(kc), "SHARE": "0"},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert ("patch", "nodes") in f.calls
+        backend = kube.KubernetesCluster(ClusterConfig(servers=(), share=True),
+                                         kube.api_client(str(kc)))
+        servers = {s.name: s for s in backend.nodes()}
+        assert sorted(servers) == ["gpu-a", "gpu-b"] and backend.share is False
+        assert servers["gpu-a"].gpus == pytest.approx((81559 * 2**20 / 1e9,) * 2)
+        assert (servers["gpu-b"].nic_gbps, servers["gpu-b"].cache_gb) == (100.0, 64.0)
+    finally:
+        f.close()
