@@ -260,7 +260,8 @@ def main() -> None:
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local",
                     help="local (default): the scaled testbed on this machine; kubernetes: a "
-                         "real cluster (passed to `hydraserve serve`; not available yet)")
+                         "cluster's labelled nodes (passed to `hydraserve serve`; see "
+                         "scripts/kubernetes/README.md)")
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vLLM for the `vllm` exec type (default: "
                          "HYDRASERVE_VLLM_PYTHON, this one, then /opt/vllm-venv/bin/python)")

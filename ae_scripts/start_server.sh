@@ -10,10 +10,11 @@
 #           ae_scripts/end2end.sh EXEC_TYPE CV REQ_RATE then replays the trace and analyzes.
 # Serves on http://127.0.0.1:${PORT:-8000} until Ctrl-C.
 # Environment: PORT (default 8000), KEEP_ALIVE (default 30), CLUSTER_BACKEND (local, the
-# default, or kubernetes: a real cluster, not available yet); EXPR 1 also PER_APP (endpoints
-# per application per model; default 64, the paper's 384 endpoints), OUT (results folder;
-# default results/end2end; use the same PER_APP and OUT for end2end.sh) and KV_CACHE_MB (KV
-# cache per worker, default 512).
+# default, or kubernetes: the labelled nodes of the cluster in KUBECONFIG, deployed with
+# scripts/kubernetes; run it in the cluster, see scripts/kubernetes/README.md); EXPR 1 also
+# PER_APP (endpoints per application per model; default 64, the paper's 384 endpoints), OUT
+# (results folder; default results/end2end; use the same PER_APP and OUT for end2end.sh) and
+# KV_CACHE_MB (KV cache per worker, default 512).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 EXPR EXEC_TYPE MODEL_SET BACKEND [CV REQ_RATE]" >&2; exit 2

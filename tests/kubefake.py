@@ -707,3 +707,41 @@ def start_hydraserve(fake: FakeKubernetes, cfg, store_root: str,
         a["spec"]["containers"][0]["env"].append({"name": "STORE_URL", "value": url})
         fake.call(fake._create_pod, namespace, a)
     return url
+
+
+def main() -> int:
+    """Run a fake cluster until interrupted, e.g. to try `hydraserve serve --cluster-backend
+    kubernetes`, the experiment scripts with CLUSTER_BACKEND=kubernetes, or the opt-in real-
+    cluster tests against it:  python tests/kubefake.py --volume DIR --kubeconfig KC"""
+    import argparse
+    import tempfile
+    import time
+
+    from hydraserve.config import ClusterConfig, ScaleConfig, ServerConfig, load_cluster
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--volume", required=True, help="the store's volume: one folder per model")
+    ap.add_argument("--kubeconfig", required=True, help="write the kubeconfig here")
+    ap.add_argument("--cluster", help="a local cluster YAML whose servers become the nodes "
+                                      "(default: 2 servers, one 24 GB GPU, 16 Gbps, 1/100)")
+    args = ap.parse_args()
+    cfg = load_cluster(args.cluster) if args.cluster else ClusterConfig(
+        servers=tuple(ServerConfig(f"n{i}", (24.0,), 16.0) for i in range(2)),
+        scale=ScaleConfig(size_scale=100.0))
+    fake = FakeKubernetes(hydraserve_nodes(cfg), tempfile.mkdtemp(prefix="kubefake-")).start()
+    try:
+        start_hydraserve(fake, cfg, str(Path(args.volume).resolve()))
+        fake.write_kubeconfig(args.kubeconfig)
+        print(f"fake cluster on {fake.url}; kubeconfig {args.kubeconfig}; pod logs in "
+              f"{fake.log_dir}", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
