@@ -90,6 +90,7 @@ def test_make_model_rejects_bad_shapes(tmp_path):
     assert r.returncode == 2 and "divisible" in r.stderr
 
 
-def test_serve_names_the_missing_kubernetes_backend():
-    r = _run("serve", "--cluster-backend", "kubernetes", "--port", "0")
-    assert r.returncode == 2 and "local backend only" in r.stderr
+def test_serve_on_kubernetes_without_a_cluster_says_so(tmp_path):
+    r = _run("serve", "--cluster-backend", "kubernetes", "--port", "0", "--kubeconfig",
+             str(tmp_path / "missing"))
+    assert r.returncode == 2 and "--cluster-backend kubernetes" in r.stderr, r.stderr
