@@ -15,6 +15,12 @@ as 12.8 GB; TTFT SLO 7.5 s). The NIC is half the paper's A10 so that the fetch d
 ~3 s (per process, on shared cores) this machine needs to start a worker. A trial waits until the model has scaled to zero, then times one
 streamed request from sending to its first token. TTFT = median of the trials.
 `hydraserve:static4` is HydraServe placed as static(4), as in the paper's cold-start experiment.
+
+--warm-runtime N: every execution type runs with N pre-started worker runtimes per server (serve
+--warm-runtime; a trial starts once every server's pool has finished its imports), the same JSON
+keys; with --side-by-side each execution type also runs without the pool in the same invocation
+(the rows `TYPE` and `TYPE+warm`), so that the ratios are measured side by side. Every row gives
+its ratio to the floor.
 """
 from __future__ import annotations
 
@@ -71,9 +77,15 @@ def demo_model() -> str:
     return str(path)
 
 
-def cold_ttft(url: str, client, evict: bool) -> tuple[float, dict]:
+def _pool_imported(url: str, n: int) -> bool:
+    pools = _get(url + "/admin/instances").get("warm_runtimes") or {}
+    return bool(pools) and all(p["imported"] >= n for p in pools.values())
+
+
+def cold_ttft(url: str, client, evict: bool, warm: int = 0) -> tuple[float, dict]:
     deadline = time.monotonic() + 120
-    while _instances(url) and time.monotonic() < deadline:
+    while (_instances(url) or (warm and not _pool_imported(url, warm))) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     if evict:
         _evict_host_caches(url)
@@ -129,6 +141,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--default-setting", action="store_true",
                     help="the embedded default's model and cluster (see above)")
+    ap.add_argument("--warm-runtime", type=int, default=0, metavar="N",
+                    help="N warm runtimes per server for every execution type (see above)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="with --warm-runtime: also run every execution type without the pool")
     args = ap.parse_args()
     nic, slo = NIC_GBPS, 7.5
     cluster = {"device": "cpu", "scale": {"size_scale": 100, "after_fetch_ms": 2000},
@@ -147,37 +163,46 @@ def main() -> None:
         models = {"models": [{"name": MODEL, "path": model, "ttft_slo_s": slo}]}
         Path(tmp, "cluster.yaml").write_text(yaml.safe_dump(cluster))
         Path(tmp, "models.yaml").write_text(yaml.safe_dump(models))
-        for et in args.exec_types.split(","):
+        runs = [(et, w) for et in args.exec_types.split(",")
+                for w in ([0, args.warm_runtime] if args.side_by_side and args.warm_runtime
+                          else [args.warm_runtime])]
+        for et, warm in runs:
             name, _, variant = et.partition(":")
+            key = et + ("+warm" if warm and args.side_by_side else "")
             extra = ["--static-p", variant.removeprefix("static")] if variant else []
             gw = ServerProcess(["serve", "--cluster", f"{tmp}/cluster.yaml", "--models",
                                 f"{tmp}/models.yaml", "--exec-type", name, "--port", "0",
-                                "--keep-alive", "1", *extra], Path(tmp) / f"{name}.log",
-                               timeout=300)
+                                "--keep-alive", "1", "--warm-runtime", str(warm), *extra],
+                               Path(tmp) / f"{name}.log", timeout=300)
             try:
                 client = openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0,
                                        timeout=300)
-                trials = [cold_ttft(gw.url, client, evict=name == "serverlessllm")
+                trials = [cold_ttft(gw.url, client, evict=name == "serverlessllm", warm=warm)
                           for _ in range(args.trials)]
                 p = trials[-1][1]["placement_p"]
                 cached = name == "serverlessllm_with_cached_model"  # no fetch at all
-                res[et] = {"ttft_s": statistics.median(t[0] for t in trials),
-                           "trials": [round(t[0], 3) for t in trials], "p": p,
-                           "floor_s": 0.0 if cached else size_gb * 8 / (p * nic)}
-                if et == "hydraserve":
+                floor = 0.0 if cached else size_gb * 8 / (p * nic)
+                ttft = statistics.median(t[0] for t in trials)
+                res[key] = {"ttft_s": ttft, "trials": [round(t[0], 3) for t in trials], "p": p,
+                            "floor_s": floor, "warm_runtimes": warm,
+                            "to_floor": round(ttft / floor, 3) if floor else None,
+                            "timeline": trials[-1][1].get("timeline")}
+                if et == "hydraserve" and overhead is None:
                     overhead = warm_overhead(gw.url)
             finally:
                 gw.stop()
-            print(f"{et}: {res[et]}", file=sys.stderr)
+            print(f"{key}: {res[key]}", file=sys.stderr)
     print(f"\n{Path(model).name}: {size_gb:.1f} GB (paper units), NIC {nic:g} Gbps per server, "
           f"TTFT SLO {slo:g} s; median of {args.trials} cold trials\n")
-    print(f"{'execution type':<34}{'p':>3}{'TTFT s':>9}{'floor s':>9}")
+    print(f"{'execution type':<34}{'p':>3}{'TTFT s':>9}{'floor s':>9}{'TTFT/floor':>12}")
     for et, r in res.items():
-        print(f"{et:<34}{r['p']:>3}{r['ttft_s']:>9.2f}{r['floor_s']:>9.2f}")
-    for h in ("hydraserve", "hydraserve:static4"):
-        if "serverless_vllm" in res and h in res:
-            print(f"{h} vs serverless_vllm: "
-                  f"{res['serverless_vllm']['ttft_s'] / res[h]['ttft_s']:.2f}x faster")
+        ratio = f"{r['to_floor']:.2f}" if r["to_floor"] else "-"
+        print(f"{et:<34}{r['p']:>3}{r['ttft_s']:>9.2f}{r['floor_s']:>9.2f}{ratio:>12}")
+    for suffix in ("", "+warm"):
+        base = "serverless_vllm" + suffix
+        for h in ("hydraserve" + suffix, "hydraserve:static4" + suffix):
+            if base in res and h in res:
+                print(f"{h} vs {base}: {res[base]['ttft_s'] / res[h]['ttft_s']:.2f}x faster")
     if overhead is not None:
         print(f"gateway overhead on a warm 1-token request: {overhead:.2f} ms (median of 30)")
     if args.json:

@@ -9,6 +9,7 @@ Environment variables (read here only):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -286,6 +287,26 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_worker)
 
 
+def _add_runtime(sub: argparse._SubParsersAction) -> None:
+    from hydraserve.worker.main import add_runtime_arguments
+
+    p = sub.add_parser(
+        "runtime", help="a pre-started worker runtime (the warm pool of a cluster backend)",
+        description="Import torch, the engine and the HTTP stack now (and create the CUDA "
+                    "context), print 'runtime ready', then read one line of stdin: a JSON list "
+                    "of `hydraserve worker` arguments, and become that worker. A cluster "
+                    "backend keeps a few per server (serve --warm-runtime N) so that a cold "
+                    "start does not pay for imports.")
+    add_runtime_arguments(p)
+    p.set_defaults(func=_cmd_runtime)
+
+
+def _cmd_runtime(args: argparse.Namespace) -> int:
+    from hydraserve.worker.main import run_runtime
+
+    return run_runtime(args)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from hydraserve.worker.main import run
 
@@ -347,6 +368,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "deployed with scripts/kubernetes/manifests; servers are the nodes "
                         "labelled by label_nodes.py, settings in the cluster file's "
                         "`kubernetes:` section)")
+    p.add_argument("--warm-runtime", type=int, default=None, metavar="N",
+                   help="keep N pre-started worker runtimes per server (torch and the engine "
+                        "imported; on CUDA the context made), which cold starts adopt instead of "
+                        "starting a process; local backend (default: the cluster file's "
+                        "warm_runtimes, else 0). A platform feature, not the paper's: each "
+                        "idle runtime holds ~0.4 GB of host memory (and on CUDA its context)")
     p.add_argument("--kubeconfig", default=None,
                    help="with --cluster-backend kubernetes: the kubeconfig to use (default: "
                         "KUBECONFIG, else the pod's service account, else ~/.kube/config)")
@@ -427,6 +454,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         cluster_cfg = load_cluster(args.cluster) if args.cluster else default_local_cluster()
     cluster_cfg = cluster_cfg.with_host_cache(preset(args.exec_type).cache)
+    if args.warm_runtime is not None:
+        if args.warm_runtime < 0:
+            log.error("--warm-runtime must be >= 0")
+            return 2
+        cluster_cfg = dataclasses.replace(cluster_cfg, warm_runtimes=args.warm_runtime)
+    if cluster_cfg.warm_runtimes and (args.cluster_backend != "local" or args.engine != "hydraserve"):
+        log.warning("warm runtimes are kept by the local backend for the hydraserve engine only; "
+                    "none will be started")
+        cluster_cfg = dataclasses.replace(cluster_cfg, warm_runtimes=0)
     models = load_models(args.models) if args.models else [
         ModelConfigEntry(name=DEFAULT_MODEL, path=_default_model(), ttft_slo_s=DEFAULT_TTFT_SLO_S)]
     gw = GatewayConfig(host=args.host, port=args.port, exec_type=args.exec_type,
@@ -496,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_store(sub)
     _add_worker(sub)
+    _add_runtime(sub)
     _add_serve(sub)
     _add_workload(sub)
     from hydraserve.sim.commands import add_sim_parser

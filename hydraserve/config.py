@@ -7,6 +7,7 @@ cluster::
     device: cpu                # where workers run the model: cpu or cuda
     share: true                # GPUs shared by memory (SHARE=1) or exclusive (SHARE=0)
     storage: {egress_gbps: 32} # the remote store's egress limit (null: unlimited)
+    warm_runtimes: 0           # pre-started worker runtimes per server (serve --warm-runtime)
     scale:                     # sizes and NICs below are in the paper's units (ScaleConfig)
       size_scale: 100          # a 130 MB checkpoint counts as 13 GB; 16 Gbps runs at 0.16 Gbps
       after_fetch_ms: 2000     # "everything after the fetch" in the TTFT model
@@ -88,6 +89,9 @@ class ClusterConfig:
     egress_gbps: float | None = None
     scale: ScaleConfig = ScaleConfig()
     kubernetes: KubernetesConfig | None = None
+    # pre-started worker runtimes kept per server (a platform feature, not the paper's; each
+    # holds a process with torch imported: host memory, and on CUDA a context on the GPU)
+    warm_runtimes: int = 0
 
     def with_host_cache(self, enabled: bool) -> "ClusterConfig":
         """This cluster with the servers' host-memory model caches on, or all set to 0 (an
@@ -164,7 +168,8 @@ def cluster_from_dict(d: dict) -> ClusterConfig:
         cfg = ClusterConfig(servers=servers, device=str(d.get("device", "cpu")),
                             share=bool(d.get("share", True)),
                             egress_gbps=None if egress is None else float(egress), scale=scale,
-                            kubernetes=None if kube is None else kubernetes_from_dict(kube))
+                            kubernetes=None if kube is None else kubernetes_from_dict(kube),
+                            warm_runtimes=int(d.get("warm_runtimes", 0)))
     except ConfigError:
         raise
     except (KeyError, TypeError, ValueError) as e:
@@ -174,6 +179,8 @@ def cluster_from_dict(d: dict) -> ClusterConfig:
         raise ConfigError("cluster config: no servers")
     if len(set(names)) != len(names) or not all(NAME.match(n) for n in names):
         raise ConfigError(f"cluster config: server names must be unique and simple: {names}")
+    if cfg.warm_runtimes < 0:
+        raise ConfigError("cluster config: warm_runtimes must be >= 0")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"cluster config: device must be cpu or cuda, not {cfg.device!r}")
     return cfg
@@ -205,6 +212,7 @@ def cluster_to_dict(cfg: ClusterConfig) -> dict:
             "servers": [{"name": s.name, "gpus": list(s.gpus), "nic_gbps": s.nic_gbps,
                          "host_memory_gb": s.host_memory_gb, "cache_gb": s.cache_gb}
                         for s in cfg.servers],
+            **({"warm_runtimes": cfg.warm_runtimes} if cfg.warm_runtimes else {}),
             **({"kubernetes": dataclasses.asdict(cfg.kubernetes)} if cfg.kubernetes else {})}
 
 

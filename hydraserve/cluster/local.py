@@ -3,11 +3,20 @@
 One remote store (models registered as links in its root), one storage agent per emulated server
 (its NIC limit really enforced, its model cache in host memory), and workers as child processes.
 GPU memory is a budget kept by the control plane's accounting.
+
+With ``warm_runtimes: N`` each server keeps N pre-started runtimes (``hydraserve runtime``:
+torch, the engine and the HTTP stack imported, on CUDA the context made). A worker start adopts
+one (its arguments go down the runtime's stdin; nothing forks) and a replacement is started at
+once, importing at the idle CPU priority so that it never slows the cold start in progress. A
+runtime found dead is discarded and replaced; with none left, a worker starts the ordinary way.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -34,6 +43,10 @@ class LocalCluster(HttpServices):
         self._workers: dict[str, ServerProcess] = {}
         self._lock = threading.Lock()
         self._api = HttpApi()
+        self._pool: dict[str, list[ServerProcess]] = {s.name: [] for s in cfg.servers}
+        self._runtime_ids = itertools.count()
+        self._closing = False
+        self.adopted = 0  # worker starts that adopted a pooled runtime
 
     def start(self) -> None:
         scale = self.cfg.scale.size_scale
@@ -47,7 +60,75 @@ class LocalCluster(HttpServices):
                                                  wait=False)
         for a in self._agents.values():
             a.wait_ready()
-        log.info("local cluster: store %s, %d agents", self._store.url, len(self._agents))
+        for s in self.cfg.servers:
+            for _ in range(self.cfg.warm_runtimes):
+                self._add_runtime(s.name)
+        log.info("local cluster: store %s, %d agents, %d warm runtime(s) per server",
+                 self._store.url, len(self._agents), self.cfg.warm_runtimes)
+
+    # -- the warm runtime pool ---------------------------------------------------------------
+    def _add_runtime(self, node: str) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            n = next(self._runtime_ids)
+        proc = ServerProcess(["runtime", "--device", self.cfg.device, "--idle-imports"],
+                             self.log_dir / f"runtime-{node}-{n}.log", wait=False,
+                             stdin_pipe=True)
+        # the first line it prints says its imports are done; this thread is its only reader
+        # until then (a worker's wait_ready reads the lines after it)
+        proc.imported = threading.Event()
+        proc.reader = threading.Thread(target=self._read_ready, args=(proc,), daemon=True)
+        proc.reader.start()
+        with self._lock:
+            if not self._closing:
+                self._pool[node].append(proc)
+                return
+        proc.stop()
+
+    @staticmethod
+    def _read_ready(proc: ServerProcess) -> None:
+        try:
+            if proc.proc.stdout.readline().startswith("runtime ready"):
+                proc.imported.set()
+        except (OSError, ValueError):  # closed: it was stopped
+            pass
+
+    def _adopt(self, node: str, args: list[str]) -> ServerProcess | None:
+        """A pooled runtime of ``node`` that took ``args``, or None when none is alive."""
+        while True:
+            with self._lock:
+                if not self._pool.get(node):
+                    return None
+                proc = self._pool[node].pop(0)
+            if proc.proc.poll() is None:
+                try:
+                    proc.proc.stdin.write(json.dumps(args) + "\n")
+                    proc.proc.stdin.flush()
+                except OSError:  # it died between the check and the write
+                    pass
+                else:
+                    try:  # one still importing at idle priority: finish at the normal one
+                        os.sched_setscheduler(proc.proc.pid, os.SCHED_OTHER, os.sched_param(0))
+                    except (AttributeError, OSError):
+                        pass
+                    return proc
+            log.warning("node %s: pooled runtime pid %d died while idle (exit %s); replacing it",
+                        node, proc.proc.pid, proc.proc.poll())
+            proc.stop(timeout=5)
+            self._refill(node)
+
+    def _refill(self, node: str) -> None:
+        threading.Thread(target=self._add_runtime, args=(node,), daemon=True,
+                         name=f"refill-{node}").start()
+
+    def pool(self, imported: bool = False) -> dict[str, list[int]]:
+        """The pids of each server's idle pooled runtimes that are alive (``imported``: and
+        whose imports are done)."""
+        with self._lock:
+            return {node: [p.proc.pid for p in procs if p.proc.poll() is None
+                           and (not imported or p.imported.is_set())]
+                    for node, procs in self._pool.items()}
 
     def nodes(self) -> tuple[ServerConfig, ...]:
         return self.cfg.servers
@@ -78,14 +159,30 @@ class LocalCluster(HttpServices):
 
     def _start_worker(self, spec: WorkerSpec) -> None:
         args = worker_args(spec, self.agent_url(spec.node))
-        proc = ServerProcess(args, self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
+        proc = None
+        if spec.engine == "hydraserve" and spec.device == self.cfg.device:
+            proc = self._adopt(spec.node, args)
+        if proc is not None:
+            log.info("worker %s: adopted the warm runtime pid %d on %s", spec.worker_id,
+                     proc.proc.pid, spec.node)
+            self.adopted += 1
+            self._refill(spec.node)
+        else:
+            proc = ServerProcess(args, self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
         with self._lock:
             self._workers[spec.worker_id] = proc
 
     async def wait_worker(self, worker_id: str, timeout: float = 120.0) -> HttpWorker:
         url = await asyncio.get_running_loop().run_in_executor(
-            None, self._workers[worker_id].wait_ready, timeout)
+            None, self._wait_ready, self._workers[worker_id], timeout)
         return HttpWorker(self._api, url)
+
+    @staticmethod
+    def _wait_ready(proc: ServerProcess, timeout: float) -> str:
+        reader = getattr(proc, "reader", None)
+        if reader is not None:  # an adopted runtime: its ready line first
+            reader.join(timeout)
+        return proc.wait_ready(timeout)
 
     def worker_alive(self, worker_id: str) -> bool:
         proc = self._workers.get(worker_id)
@@ -107,6 +204,13 @@ class LocalCluster(HttpServices):
         await self._api.close()
 
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            idle = [p for procs in self._pool.values() for p in procs]
+            for procs in self._pool.values():
+                procs.clear()
+        for p in idle:
+            p.stop(timeout=5)
         for wid in list(self._workers):
             self._stop_worker(wid)
         for a in self._agents.values():

@@ -61,6 +61,18 @@ class Endpoint:
         return self.num_kv_blocks * KV_BLOCK_SIZE
 
 
+RUNTIME_CONTEXT_GB = 0.5  # real GB a pooled runtime's CUDA context holds on its GPU
+
+
+def runtime_budgets(gpus: tuple[float, ...], cfg: ClusterConfig) -> list[float]:
+    """A server's GPU budgets less what its warm runtimes hold: on CUDA, each pooled runtime's
+    context on the first GPU (in the cluster's units); on CPU nothing."""
+    out = list(gpus)
+    if cfg.device == "cuda" and cfg.warm_runtimes and out:
+        out[0] = max(0.0, out[0] - cfg.warm_runtimes * RUNTIME_CONTEXT_GB * cfg.scale.size_scale)
+    return out
+
+
 class Controller:
     def __init__(self, cluster: ClusterBackend, cluster_cfg: ClusterConfig, gw: GatewayConfig,
                  preset: Preset, clock: Callable[[], float] = time.monotonic,
@@ -70,7 +82,8 @@ class Controller:
         lifecycle log (the wall clock, the replay's time axis, by default)."""
         self.cluster, self.cluster_cfg, self.gw, self.preset = cluster, cluster_cfg, gw, preset
         self.clock = clock
-        self.gpus = GpuLedger({s.name: list(s.gpus) for s in cluster_cfg.servers},
+        self.gpus = GpuLedger({s.name: runtime_budgets(s.gpus, cluster_cfg)
+                               for s in cluster_cfg.servers},
                               share=preset.share_gpus and cluster_cfg.share)
         self.nics = NicLedger({s.name: s.nic_gbps for s in cluster_cfg.servers})
         self.endpoints: dict[str, Endpoint] = {}
@@ -529,8 +542,12 @@ class Controller:
                 pass
 
     def describe(self) -> dict:
+        pool = getattr(self.cluster, "pool", None)  # the warm runtimes, where the backend has them
         return {"exec_type": self.gw.exec_type,
                 "agents": self.cluster.agent_urls(),
+                "warm_runtimes": {} if pool is None else {
+                    node: {"idle": len(pids), "imported": len(pool(imported=True)[node])}
+                    for node, pids in pool().items()},
                 "models": {n: {"queued": len(ep.queue), "cold_starts": ep.cold_starts,
                                "size_gb": round(ep.size_gb, 3),
                                "instances": [i.id for i in ep.instances]}

@@ -18,14 +18,17 @@ class ServerProcess:
     """``hydraserve ARGS`` in a child process; ``url`` once it announced itself."""
 
     def __init__(self, args: list[str], log_path: str | Path, timeout: float = 60.0,
-                 wait: bool = True, env: dict[str, str] | None = None):
-        """Start the process (``env``: variables added to this one's environment); with
-        ``wait`` also block until it is ready (see wait_ready)."""
+                 wait: bool = True, env: dict[str, str] | None = None,
+                 stdin_pipe: bool = False):
+        """Start the process (``env``: variables added to this one's environment; with
+        ``stdin_pipe`` its stdin is ``self.proc.stdin``); with ``wait`` also block until it is
+        ready (see wait_ready)."""
         self.args = args
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", *args],
                                      stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     stdin=subprocess.PIPE if stdin_pipe else None,
                                      env={**os.environ, **env} if env else None)
         self.url: str | None = None
         if wait:
@@ -61,7 +64,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        for f in (self.proc.stdout, self.proc.stdin):
+            if f:
+                try:
+                    f.close()
+                except OSError:  # a pipe whose reader is gone
+                    pass
         self._log.close()
         return self.proc.returncode

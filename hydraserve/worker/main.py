@@ -71,17 +71,82 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "~40%% faster (default: 20000; -1 keeps the runtime's default)")
 
 
-def run(args: argparse.Namespace) -> int:
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N]: on CUDA the runtime creates its context before it "
+                        "waits (default: cpu)")
+    p.add_argument("--omp-spin-count", type=int, default=20000,
+                   help="as for `hydraserve worker` (default: 20000)")
+    p.add_argument("--idle-imports", action="store_true",
+                   help="import at the idle CPU priority (Linux SCHED_IDLE), so that a refill "
+                        "never slows a cold start in progress; back to normal before waiting")
+
+
+RUNTIME_READY = "runtime ready"
+
+
+def run_runtime(args: argparse.Namespace) -> int:
+    """A pre-started worker runtime: import torch, the engine and the HTTP stack (and create
+    the CUDA context) now, then wait for one assignment, a JSON list of `hydraserve worker`
+    arguments on one line of stdin, and become that worker. Nothing forks: the runtime is the
+    process that serves."""
+    import json
+
+    log = logging.getLogger("hydraserve.worker")
+    idle = args.idle_imports and hasattr(os, "sched_setscheduler")
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    t0 = time.time()
+    if args.omp_spin_count >= 0:
+        os.environ["GOMP_SPINCOUNT"] = str(args.omp_spin_count)
+    import torch
+
+    import hydraserve.engine.engine  # noqa: F401 - everything a worker imports, imported now
+    import hydraserve.store.server  # noqa: F401
+    import hydraserve.worker.api  # noqa: F401
+    import hydraserve.worker.core  # noqa: F401
+
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        torch.zeros(1, device=args.device)  # the context, which takes seconds on a GPU
+    if idle:
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except PermissionError:
+            log.warning("runtime: cannot leave SCHED_IDLE (not permitted): the worker it becomes "
+                        "runs at idle priority")
+    log.info("runtime pid %d: imports done in %.2f s; waiting for an assignment", os.getpid(),
+             time.time() - t0)
+    print(f"{RUNTIME_READY} pid={os.getpid()}", flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        log.info("runtime pid %d: no assignment (stdin closed); exiting", os.getpid())
+        return 0
+    adopted = time.time()
+    p = argparse.ArgumentParser(prog="hydraserve worker")
+    add_arguments(p)
+    wargs = p.parse_args(json.loads(line)[1:])  # the list starts with "worker"
+    if wargs.device != args.device or wargs.engine != "hydraserve":
+        log.error("runtime for %s cannot become a worker on %s with engine %s", args.device,
+                  wargs.device, wargs.engine)
+        return 2
+    log.info("runtime pid %d: adopted as worker %s", os.getpid(), wargs.worker_id)
+    return run(wargs, adopted)
+
+
+def run(args: argparse.Namespace, start: float | None = None) -> int:
+    """Serve as the worker ``args`` describes; ``start``: when it was asked to (default: when
+    this process started)."""
+    start = START if start is None else start
     if args.engine == "vllm":
         from hydraserve.worker.vllm_worker import run as run_vllm
 
-        return run_vllm(args, START)
+        return run_vllm(args, start)
     from hydraserve.store.image import ImageKind, ImageSpec
     from hydraserve.store.progressive import ProgressiveRegion
     from hydraserve.worker.timeline import Timeline
 
     wid = args.worker_id or f"{args.model}-r{args.rank}"
-    timeline = Timeline(wid, START)
+    timeline = Timeline(wid, start)
     # a whole model is a full image: the one an agent can keep in its cache
     spec = ImageSpec(args.model, ImageKind.FULL) if args.p == 1 else \
         ImageSpec(args.model, ImageKind.STAGE, args.p, args.rank)
