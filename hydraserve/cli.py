@@ -334,6 +334,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-timeout", type=float, default=300.0,
                    help="seconds a request may wait for an instance before it fails with 503 "
                         "(default: 300)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds open requests get to finish before each "
+                        "still open ends with an error event (default: 10)")
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
     p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
@@ -440,12 +443,21 @@ print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'con
 """, flush=True)
 
     gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir), models)
-    config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on")
+    grace = max(0.0, args.shutdown_grace)
+    # a backstop: uvicorn cancels what is still running this long after the signal
+    config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=grace + 10)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            gateway.begin_drain(grace)  # open streams end with a final event, not a cut
+            super().handle_exit(sig, frame)
+
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
     # signal to the handler it found: make that a no-op so a clean stop exits with status 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
     log.info("gateway stopped; every worker, agent and the store were shut down")
     return 0
 

@@ -2,7 +2,9 @@
 
 One remote store (models registered as links in its root), one storage agent per emulated server
 (its NIC limit really enforced, its model cache in host memory), and workers as child processes.
-GPU memory is a budget kept by the control plane's accounting.
+GPU memory is a budget kept by the control plane's accounting. The store and the agents are
+supervised: one that dies (killed, crashed) is started again on the port it had, so workers and
+the control plane find it where it was; the shared memory a dead agent left is freed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from hydraserve.cluster.base import WorkerSpec, worker_args
 from hydraserve.cluster.http import HttpApi, HttpWorker
 from hydraserve.config import ClusterConfig, ServerConfig
+from hydraserve.store.agent import SHM_PREFIX
 from hydraserve.store.launch import ServerProcess
 
 log = logging.getLogger("hydraserve.cluster")
@@ -34,20 +37,65 @@ class LocalCluster:
         self._workers: dict[str, ServerProcess] = {}
         self._lock = threading.Lock()
         self._api = HttpApi()
+        self._args: dict[str, list[str]] = {}  # "store" or a node name -> its command line
+        self._revive_lock = threading.Lock()
+        self._restarts = 0
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
         scale = self.cfg.scale.size_scale
         egress = ["--egress-gbps", str(self.cfg.egress_gbps / scale)] if self.cfg.egress_gbps else []
-        self._store = ServerProcess(["store", "serve", "--root", str(self.root), *egress],
-                                    self.log_dir / "store.log")
+        self._args["store"] = ["store", "serve", "--root", str(self.root), *egress]
+        self._store = ServerProcess(self._args["store"], self.log_dir / "store.log")
         for s in self.cfg.servers:
-            args = ["store", "agent", "--node", s.name, "--remote", self._store.url,
-                    "--nic-gbps", str(s.nic_gbps / scale), "--cache-gb", str(s.cache_gb / scale)]
-            self._agents[s.name] = ServerProcess(args, self.log_dir / f"agent-{s.name}.log",
-                                                 wait=False)
+            self._args[s.name] = ["store", "agent", "--node", s.name, "--remote", self._store.url,
+                                  "--nic-gbps", str(s.nic_gbps / scale),
+                                  "--cache-gb", str(s.cache_gb / scale)]
+            self._agents[s.name] = ServerProcess(self._args[s.name],
+                                                 self.log_dir / f"agent-{s.name}.log", wait=False)
         for a in self._agents.values():
             a.wait_ready()
         log.info("local cluster: store %s, %d agents", self._store.url, len(self._agents))
+        self._watcher = threading.Thread(target=self._watch, name="cluster-watch", daemon=True)
+        self._watcher.start()
+
+    # -- supervision -------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closing.wait(0.5):
+            try:
+                self.revive()
+            except Exception:  # noqa: BLE001 - try again on the next round
+                log.exception("restarting a dead store or agent failed")
+
+    def revive(self) -> int:
+        """Start again, on its old port, the store or any agent whose process died; free the
+        segments a dead agent left. Returns how many were restarted."""
+        restarted = 0
+        with self._revive_lock:
+            if self._closing.is_set():
+                return 0
+            if self._store is not None and self._store.proc.poll() is not None:
+                self._store = self._restart("store", self._store, "store")
+                restarted += 1
+            for name, agent in list(self._agents.items()):
+                if agent.proc.poll() is not None:
+                    self._agents[name] = self._restart(name, agent, f"agent-{name}")
+                    restarted += 1
+        return restarted
+
+    def _restart(self, key: str, old: ServerProcess, what: str) -> ServerProcess:
+        code = old.stop()
+        _free_segments(old.proc.pid)
+        self._restarts += 1
+        log.warning("%s (pid %d) died with status %s: restarting it on port %d", what,
+                    old.proc.pid, code, old.port)
+        return ServerProcess([*self._args[key], "--port", str(old.port)],
+                             self.log_dir / f"{what}.{self._restarts}.log")
+
+    async def _alive(self, proc: ServerProcess) -> None:
+        if proc.proc.poll() is not None:  # dead: do not fail the call if it can come back
+            await asyncio.get_running_loop().run_in_executor(None, self.revive)
 
     def nodes(self) -> tuple[ServerConfig, ...]:
         return self.cfg.servers
@@ -74,10 +122,12 @@ class LocalCluster:
 
     # -- what the control plane calls on its loop (blocking steps run in an executor) ---------
     async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
+        await self._alive(self._store)
         body = await self._api.get(f"{self.store_url()}/models/{model}/layout?p={p}")
         return [tuple(s["layers"]) for s in body["stages"]]
 
     async def prefetch(self, node: str, model: str, kind: str, p: int, rank: int) -> None:
+        await self._alive(self._agents[node])
         await self._api.post(self.agent_url(node) + "/prefetch",
                              {"model": model, "kind": kind, "p": p, "rank": rank})
 
@@ -127,10 +177,26 @@ class LocalCluster:
         await self._api.close()
 
     def close(self) -> None:
+        self._closing.set()
+        if self._watcher is not None:
+            self._watcher.join(30)
         for wid in list(self._workers):
             self._stop_worker(wid)
         for a in self._agents.values():
             a.stop()
+            _free_segments(a.proc.pid)  # nothing left unless it was killed
         if self._store:
             self._store.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_segments(agent_pid: int) -> None:
+    """Unlink the shared-memory segments an agent process left behind (a killed agent cannot
+    free its own). Readers still attached keep their mappings."""
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        for seg in shm.glob(f"{SHM_PREFIX}{agent_pid}_*"):
+            try:
+                seg.unlink()
+            except OSError:
+                pass
