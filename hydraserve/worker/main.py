@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hydraserve.httpjson import use_token
+
+    token = getattr(args, "cluster_token", None)
+    use_token(token)  # the calls to the agent carry it
     if args.engine == "vllm":
         from hydraserve.worker.vllm_worker import run as run_vllm
 
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     timeline.mark("http_ready")
     try:
         run_until(app, args.host, args.port, f"hydraserve worker {wid}", worker.exit_requested,
-                  extra=f" stage_port={worker.stage_port}")
+                  extra=f" stage_port={worker.stage_port}", token=token)
     finally:
         worker.stop()
     logging.getLogger("hydraserve.worker").info("worker %s: exited", wid)
