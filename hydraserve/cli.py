@@ -512,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.cluster_token = os.environ.get(CLUSTER_TOKEN_ENV) or None
+    from hydraserve.httpjson import use_token
+
+    use_token(args.cluster_token)  # every blocking call of this process to a server carries it
     logging.basicConfig(level=os.environ.get("HYDRASERVE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from hydraserve.engine.config import ModelLoadError

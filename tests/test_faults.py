@@ -182,21 +182,23 @@ def test_failed_consolidation_loses_no_request(rig_factory, big_model):
     # p = 2 meets a 2.5 s TTFT SLO and p = 1 does not: one all-card stage, consolidating
     rig = rig_factory(models={"m": big_model}, servers=4, ttft_slo_s=2.5)
     first = threading.Event()
-    threads, out = _in_background(rig.url, [_body(200) for _ in range(4)], on_token=first)
+    threads, out = _in_background(rig.url, [_body(1000) for _ in range(4)], on_token=first)
     inst = rig.wait_for(lambda: rig.instances("m") and rig.instances("m")[0])
     assert inst.placement.p == 2 and inst.placement.consolidate
     part = next(s for s in inst.stages if not s.all_card)
     rig.wait_for(lambda: "consolidation_started" in inst.timeline, every=0.002)
+    in_flight = sum(o is None for o in out)
     kill(rig.cluster.worker_pid(part.worker_id))
     counts = Counts()
     results = _join(threads, out)
     counts.add(results)
+    assert in_flight > 0  # the fault hit streams that were running
     assert "consolidated" not in inst.timeline
     after = ask_many(rig.url, [_body(8), _body(8, stream=False), _body(8)], BOUND)
     counts.add(after)
     assert [r.kind for r in after] == ["answered"] * 3, after
     _record("e. part-card stage SIGKILLed during consolidation", counts,
-            "none beyond (a): the instance is replaced")
+            "the fix of (a): its requests, no token yet, were placed again")
 
 
 # -- f. the gateway stopped while streams are open ---------------------------------------------
