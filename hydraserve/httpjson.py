@@ -16,6 +16,17 @@ class CallError(RuntimeError):
         self.status = status
 
 
+_HEADERS = {"Content-Type": "application/json"}
+
+
+def use_token(token: str | None) -> None:
+    """Send "Authorization: Bearer TOKEN" (the cluster token) with every call of this process."""
+    if token:
+        _HEADERS["Authorization"] = f"Bearer {token}"
+    else:
+        _HEADERS.pop("Authorization", None)
+
+
 def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     u = urlsplit(url)
     return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
@@ -25,7 +36,7 @@ def _request(url: str, method: str, path: str, data: bytes | None,
              timeout: float) -> tuple[int, bytes]:
     conn = _connect(url, timeout)
     try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=data, headers=dict(_HEADERS))
         resp = conn.getresponse()
         return resp.status, resp.read()
     except OSError as e:
@@ -59,8 +70,7 @@ def stream(url: str, path: str, body: dict, timeout: float = 300.0) -> Iterator[
     """POST ``body`` and yield each JSON line of a newline-delimited streaming answer."""
     conn = _connect(url, timeout)
     try:
-        conn.request("POST", path, body=json.dumps(body).encode(),
-                     headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=dict(_HEADERS))
         resp = conn.getresponse()
         if resp.status >= 400:
             payload = resp.read()

@@ -37,3 +37,12 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs) -> str:
     return model_dirs["llama"]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault suite's table of counts (tests/test_faults.py), when it ran."""
+    from tests.faults import TABLE, format_table
+
+    if TABLE:
+        terminalreporter.section("faults: requests sent / answered / clear error / lost")
+        terminalreporter.write_line(format_table(TABLE))

@@ -15,7 +15,9 @@ from hydraserve.cluster.base import WorkerError
 class HttpApi:
     """JSON calls on one lazily opened aiohttp session (it must live on the running loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        """``token``: the cluster token, sent with every call (see store.server.require_token)."""
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -24,7 +26,7 @@ class HttpApi:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), headers=self._headers)
             self._loop = loop  # a session belongs to one loop (a test may run several)
         return self._session
 

@@ -59,6 +59,11 @@ VERBS = frozenset({("nodes", "list"), ("pods", "create"), ("pods", "get"), ("pod
                    ("pods", "watch"), ("pods", "delete"), ("pods/log", "get")})
 
 
+# the optional cluster token (hydraserve.cli.CLUSTER_TOKEN_ENV) from the Secret the manifests name
+TOKEN_ENV = {"name": "HYDRASERVE_CLUSTER_TOKEN", "valueFrom": {"secretKeyRef": {
+    "name": "hydraserve-cluster-token", "key": "token", "optional": True}}}
+
+
 def label_value(s: str) -> str:
     """``s`` as a label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
     v = re.sub(r"[^A-Za-z0-9._-]", "-", s)[:63].strip("._-")
@@ -131,7 +136,8 @@ def worker_pod(spec: WorkerSpec, kcfg: KubernetesConfig, agent_url: str, share: 
         "imagePullPolicy": kcfg.image_pull_policy,
         "command": ["hydraserve"],
         "args": args,
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                TOKEN_ENV],
         "ports": [{"name": "http", "containerPort": kcfg.worker_port},
                   {"name": "stage", "containerPort": kcfg.stage_port}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
@@ -180,13 +186,13 @@ class KubernetesCluster(HttpServices):
 
     WATCH_TIMEOUT_S = 10  # each watch request ends after this long and is renewed
 
-    def __init__(self, cfg: ClusterConfig, api_client) -> None:
+    def __init__(self, cfg: ClusterConfig, api_client, token: str | None = None) -> None:
         from kubernetes import client
 
         self.kcfg = cfg.kubernetes or KubernetesConfig()
         self.ns = self.kcfg.namespace
         self.core = client.CoreV1Api(api_client)
-        self._api = HttpApi()
+        self._api = HttpApi(token)  # the cluster token, if the pods have one
         self._pods: dict[str, dict] = {}  # name -> pod, HydraServe's pods in the namespace
         self._ever: set[str] = set()  # names of every pod the watch has shown
         self._cv = threading.Condition()

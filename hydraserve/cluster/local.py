@@ -2,7 +2,9 @@
 
 One remote store (models registered as links in its root), one storage agent per emulated server
 (its NIC limit really enforced, its model cache in host memory), and workers as child processes.
-GPU memory is a budget kept by the control plane's accounting.
+GPU memory is a budget kept by the control plane's accounting. The store and the agents are
+supervised: one that dies (killed, crashed) is started again on the port it had, so workers and
+the control plane find it where it was; the shared memory a dead agent left is freed.
 
 With ``warm_runtimes: N`` each server keeps N pre-started runtimes (``hydraserve runtime``:
 torch, the engine and the HTTP stack imported, on CUDA the context made). A worker start adopts
@@ -25,13 +27,16 @@ from pathlib import Path
 from hydraserve.cluster.base import WorkerSpec, worker_args
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
 from hydraserve.config import ClusterConfig, ServerConfig
+from hydraserve.store.agent import SHM_PREFIX
 from hydraserve.store.launch import ServerProcess
 
 log = logging.getLogger("hydraserve.cluster")
 
 
 class LocalCluster(HttpServices):
-    def __init__(self, cfg: ClusterConfig, log_dir: str | None = None):
+    def __init__(self, cfg: ClusterConfig, log_dir: str | None = None, token: str | None = None):
+        """``token``: the cluster token. The store, agents and workers started here inherit this
+        process's environment, which is where they read it (the same one) from."""
         self.cfg = cfg
         self._tmp = Path(tempfile.mkdtemp(prefix="hydraserve-cluster-"))
         self.log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
@@ -42,22 +47,27 @@ class LocalCluster(HttpServices):
         self._agents: dict[str, ServerProcess] = {}
         self._workers: dict[str, ServerProcess] = {}
         self._lock = threading.Lock()
-        self._api = HttpApi()
+        self._api = HttpApi(token)
+        self._args: dict[str, list[str]] = {}  # "store" or a node name -> its command line
+        self._revive_lock = threading.Lock()
+        self._restarts = 0
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._pool: dict[str, list[ServerProcess]] = {s.name: [] for s in cfg.servers}
         self._runtime_ids = itertools.count()
-        self._closing = False
         self.adopted = 0  # worker starts that adopted a pooled runtime
 
     def start(self) -> None:
         scale = self.cfg.scale.size_scale
         egress = ["--egress-gbps", str(self.cfg.egress_gbps / scale)] if self.cfg.egress_gbps else []
-        self._store = ServerProcess(["store", "serve", "--root", str(self.root), *egress],
-                                    self.log_dir / "store.log")
+        self._args["store"] = ["store", "serve", "--root", str(self.root), *egress]
+        self._store = ServerProcess(self._args["store"], self.log_dir / "store.log")
         for s in self.cfg.servers:
-            args = ["store", "agent", "--node", s.name, "--remote", self._store.url,
-                    "--nic-gbps", str(s.nic_gbps / scale), "--cache-gb", str(s.cache_gb / scale)]
-            self._agents[s.name] = ServerProcess(args, self.log_dir / f"agent-{s.name}.log",
-                                                 wait=False)
+            self._args[s.name] = ["store", "agent", "--node", s.name, "--remote", self._store.url,
+                                  "--nic-gbps", str(s.nic_gbps / scale),
+                                  "--cache-gb", str(s.cache_gb / scale)]
+            self._agents[s.name] = ServerProcess(self._args[s.name],
+                                                 self.log_dir / f"agent-{s.name}.log", wait=False)
         for a in self._agents.values():
             a.wait_ready()
         for s in self.cfg.servers:
@@ -65,11 +75,13 @@ class LocalCluster(HttpServices):
                 self._add_runtime(s.name)
         log.info("local cluster: store %s, %d agents, %d warm runtime(s) per server",
                  self._store.url, len(self._agents), self.cfg.warm_runtimes)
+        self._watcher = threading.Thread(target=self._watch, name="cluster-watch", daemon=True)
+        self._watcher.start()
 
     # -- the warm runtime pool ---------------------------------------------------------------
     def _add_runtime(self, node: str) -> None:
         with self._lock:
-            if self._closing:
+            if self._closing.is_set():
                 return
             n = next(self._runtime_ids)
         proc = ServerProcess(["runtime", "--device", self.cfg.device, "--idle-imports"],
@@ -81,7 +93,7 @@ class LocalCluster(HttpServices):
         proc.reader = threading.Thread(target=self._read_ready, args=(proc,), daemon=True)
         proc.reader.start()
         with self._lock:
-            if not self._closing:
+            if not self._closing.is_set():
                 self._pool[node].append(proc)
                 return
         proc.stop()
@@ -130,6 +142,43 @@ class LocalCluster(HttpServices):
                            and (not imported or p.imported.is_set())]
                     for node, procs in self._pool.items()}
 
+    # -- supervision -------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closing.wait(0.5):
+            try:
+                self.revive()
+            except Exception:  # noqa: BLE001 - try again on the next round
+                log.exception("restarting a dead store or agent failed")
+
+    def revive(self) -> int:
+        """Start again, on its old port, the store or any agent whose process died; free the
+        segments a dead agent left. Returns how many were restarted."""
+        restarted = 0
+        with self._revive_lock:
+            if self._closing.is_set():
+                return 0
+            if self._store is not None and self._store.proc.poll() is not None:
+                self._store = self._restart("store", self._store, "store")
+                restarted += 1
+            for name, agent in list(self._agents.items()):
+                if agent.proc.poll() is not None:
+                    self._agents[name] = self._restart(name, agent, f"agent-{name}")
+                    restarted += 1
+        return restarted
+
+    def _restart(self, key: str, old: ServerProcess, what: str) -> ServerProcess:
+        code = old.stop()
+        _free_segments(old.proc.pid)
+        self._restarts += 1
+        log.warning("%s (pid %d) died with status %s: restarting it on port %d", what,
+                    old.proc.pid, code, old.port)
+        return ServerProcess([*self._args[key], "--port", str(old.port)],
+                             self.log_dir / f"{what}.{self._restarts}.log")
+
+    async def _alive(self, proc: ServerProcess) -> None:
+        if proc.proc.poll() is not None:  # dead: do not fail the call if it can come back
+            await asyncio.get_running_loop().run_in_executor(None, self.revive)
+
     def nodes(self) -> tuple[ServerConfig, ...]:
         return self.cfg.servers
 
@@ -154,6 +203,14 @@ class LocalCluster(HttpServices):
             link.unlink()
 
     # -- what the control plane calls on its loop (blocking steps run in an executor) ---------
+    async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
+        await self._alive(self._store)
+        return await super().layout(model, p)
+
+    async def prefetch(self, node: str, model: str, kind: str, p: int, rank: int) -> None:
+        await self._alive(self._agents[node])
+        await super().prefetch(node, model, kind, p, rank)
+
     async def start_worker(self, spec: WorkerSpec) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._start_worker, spec)
 
@@ -205,16 +262,31 @@ class LocalCluster(HttpServices):
 
     def close(self) -> None:
         with self._lock:
-            self._closing = True
+            self._closing.set()
             idle = [p for procs in self._pool.values() for p in procs]
             for procs in self._pool.values():
                 procs.clear()
         for p in idle:
             p.stop(timeout=5)
+        if self._watcher is not None:
+            self._watcher.join(30)
         for wid in list(self._workers):
             self._stop_worker(wid)
         for a in self._agents.values():
             a.stop()
+            _free_segments(a.proc.pid)  # nothing left unless it was killed
         if self._store:
             self._store.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_segments(agent_pid: int) -> None:
+    """Unlink the shared-memory segments an agent process left behind (a killed agent cannot
+    free its own). Readers still attached keep their mappings."""
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        for seg in shm.glob(f"{SHM_PREFIX}{agent_pid}_*"):
+            try:
+                seg.unlink()
+            except OSError:
+                pass

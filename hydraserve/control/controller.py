@@ -33,11 +33,16 @@ from hydraserve.control.snapshot import (MAX_GROUP, ModelInfo, NodeSnapshot, Pla
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks  # torch-free
 
 KV_BLOCK_SIZE = EngineConfig.block_size  # the workers' block size (WorkerSpec's default)
+MAX_RETRIES = 2  # a request whose instance fails before its first token is placed again
 
 log = logging.getLogger("hydraserve.control")
 
 
 class QueueFull(Exception):
+    pass
+
+
+class Draining(Exception):
     pass
 
 
@@ -94,6 +99,8 @@ class Controller:
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._closing = False
+        self._draining = False
+        self._serving: dict[str, Request] = {}  # by id: dispatched and not finished
         self._snap: tuple[float, tuple[NodeSnapshot, ...]] | None = None  # see _snapshot
         self.lifecycle = LifecycleLog(gw.lifecycle_log, lifecycle_clock) \
             if gw.lifecycle_log else None
@@ -171,6 +178,8 @@ class Controller:
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         ep = self.endpoints[req.model]
+        if self._draining:
+            raise Draining("the server is shutting down")
         if len(ep.queue) >= self.gw.max_queue:
             raise QueueFull(f"{len(ep.queue)} requests are queued for {req.model}")
         ep.queue.append(req)
@@ -181,6 +190,28 @@ class Controller:
         if req.task is not None:
             req.task.cancel()
         self.wake()
+
+    async def drain(self, grace_s: float) -> int:
+        """Shutting down: refuse new requests, give the open ones ``grace_s`` seconds to finish,
+        then end each one still open with a 503 error event. Returns how many were ended so."""
+        self._draining = True
+        deadline = self.clock() + grace_s
+        while self.clock() < deadline and (self._serving or any(
+                ep.queue for ep in self.endpoints.values())):
+            await asyncio.sleep(0.05)
+        ended = 0
+        for ep in self.endpoints.values():
+            queued, ep.queue = ep.queue, []
+            for req in queued:
+                req.events.put_nowait({"error": "the server is shutting down", "status": 503})
+                ended += 1
+        for req in list(self._serving.values()):
+            self._serving.pop(req.id, None)
+            req.events.put_nowait({"error": "the server is shutting down", "status": 503})
+            if req.task is not None:
+                req.task.cancel()
+            ended += 1
+        return ended
 
     # -- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -460,7 +491,22 @@ class Controller:
     def _dispatch(self, inst: Instance, req: Request) -> None:
         inst.active += 1
         req.instance = inst.id
+        self._serving[req.id] = req
         req.task = self._spawn(self._serve(inst, req))
+
+    def _end(self, req: Request, error: str, status: int) -> None:
+        """A request's instance failed: place it again if the client has seen nothing of it yet
+        (the worker died during its start, say), else end it with a clear error event."""
+        ep = self.endpoints.get(req.model)
+        if (status != 400 and req.first_token is None and req.retries < MAX_RETRIES
+                and ep is not None and not self._closing and not self._draining
+                and not req.cancelled):
+            req.retries += 1
+            req.instance = None
+            ep.queue.insert(0, req)
+            log.warning("request %s goes back to the queue (%s)", req.id, error)
+            return
+        req.events.put_nowait({"error": error, "status": status})
 
     async def _serve(self, inst: Instance, req: Request) -> None:
         body = {"prompt_ids": req.prompt_ids, **req.params}
@@ -470,7 +516,7 @@ class Controller:
                 async for item in inst.head.client.generate(body):
                     now = self.clock()
                     if "error" in item:
-                        req.events.put_nowait({"error": item["error"], "status": 500})
+                        self._end(req, item["error"], 500)
                         ended = True
                         raise RuntimeError(item["error"])
                     if req.first_token is None:
@@ -488,7 +534,7 @@ class Controller:
                     ended = True
                     return
                 if not ended:
-                    req.events.put_nowait({"error": str(e), "status": 503})
+                    self._end(req, str(e), 503)
                     ended = True
                 raise
             if not ended:
@@ -497,12 +543,13 @@ class Controller:
             raise
         except Exception as e:  # noqa: BLE001 - a broken instance: fail it, tell the client
             if not ended:
-                req.events.put_nowait({"error": f"instance {inst.id} failed: {e}", "status": 500})
+                self._end(req, f"instance {inst.id} failed: {e}", 500)
             if inst.state is InstanceState.READY:
                 inst.error = str(e)
                 log.error("instance %s failed while serving: %s", inst.id, e)
                 self._spawn(self._stop_instance(inst, InstanceState.FAILED))
         finally:
+            self._serving.pop(req.id, None)
             inst.active -= 1
             inst.last_used = self.clock()
             self._log("request_end", instance=inst.id, model=inst.model, request=req.id,

@@ -40,6 +40,7 @@ class Request:
     task: asyncio.Task | None = None
     first_token: float | None = None
     tokens: int = 0  # generated so far
+    retries: int = 0  # times it went back to the queue after its instance failed
 
 
 @dataclass

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hydraserve.config import (ClusterConfig, ConfigError, GatewayConfig, ModelConfigEntry,
                                model_entry_from_dict)
-from hydraserve.control.controller import Controller, QueueFull
+from hydraserve.control.controller import Controller, Draining, QueueFull
 from hydraserve.control.instance import Request
 from hydraserve.control.placement import PolicyName
 from hydraserve.control.presets import preset
@@ -53,9 +53,22 @@ class Gateway:
         self.metrics = Metrics(self.controller)
         self.tokenizers: dict[str, Tokenizer] = {}
         self.created: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Stop taking requests and end the open ones within ``grace_s`` seconds (each gets
+        its final event). Safe to call from a signal handler or another thread."""
+        if self._loop is None or self._draining:
+            return
+        self._draining = True
+        log.info("shutting down: open requests have %.0f s to finish", grace_s)
+        self._loop.call_soon_threadsafe(
+            lambda: self.controller._spawn(self.controller.drain(grace_s)))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         await loop.run_in_executor(None, self.cluster.start)
         await self.controller.start()
         for m in self.initial_models:
@@ -200,6 +213,8 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
                                  f"{gw.retry_after_s} s")
             resp.headers["Retry-After"] = str(gw.retry_after_s)
             return resp
+        except Draining as e:
+            return _openai_error(503, str(e))
         shaper = Shaper(chat, rid, body.model)
         detok = Detokenizer(tok, body.stop_list())
         events = _events(req, detok, gateway, body.model)

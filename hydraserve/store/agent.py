@@ -43,6 +43,7 @@ from hydraserve.store.image import ImageKind, ImageSpec
 log = logging.getLogger("hydraserve.agent")
 
 COUNTER = 8  # bytes of the received-bytes counter at the start of every region
+SHM_PREFIX = "hs_"  # every region's segment is named hs_<agent pid>_<random>
 
 
 class RegionState(enum.Enum):
@@ -96,7 +97,9 @@ class AgentConfig:
     cache_gb: float = 0.0
     streams: int = 2
     chunk_mb: float = 4.0
-    retries: int = 5
+    token: str | None = None  # the cluster token: sent to the store
+    retries: int = 5  # a cut connection is retried at least this many times ...
+    retry_s: float = 30.0  # ... and for as long as this (a store restarting takes seconds)
 
 
 class Agent:
@@ -111,6 +114,7 @@ class Agent:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.cfg.token}"} if self.cfg.token else None,
             connector=aiohttp.TCPConnector(limit=64),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30))
 
@@ -150,7 +154,9 @@ class Agent:
         region = self.by_key.get(spec.key)  # another order for it may have won the race
         if region is not None:
             return region
-        shm = shared_memory.SharedMemory(name=f"hs_{secrets.token_hex(8)}", create=True,
+        # the agent's pid in the name: whoever restarts a killed agent can free what it left
+        shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(6)}",
+                                         create=True,
                                          size=COUNTER + max(size, 1))
         region = Region(secrets.token_hex(6), spec, size, shm)
         region.set_received(0)
@@ -266,7 +272,7 @@ class Agent:
     async def _fetch_span(self, region: Region, span: tuple[int, int], i: int, got: list[int],
                           advance) -> None:
         start, end = span
-        failures = 0
+        failures, failing_since, failed_at = 0, 0.0, -1
         buf = region.shm.buf
         while got[i] < end - start:
             pos = start + got[i]
@@ -285,8 +291,11 @@ class Agent:
                 if got[i] < end - start:
                     raise ConnectionError("the stream ended early")
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+                now = time.monotonic()
+                if pos != failed_at:  # bytes came since the last cut: a new run of failures
+                    failures, failing_since, failed_at = 0, now, pos
                 failures += 1
-                if failures > self.cfg.retries:
+                if failures > self.cfg.retries and now - failing_since > self.cfg.retry_s:
                     raise
                 log.warning("node %s: connection for %s cut at byte %d (%s); resuming",
                             self.cfg.node, region.spec.key, pos, e)

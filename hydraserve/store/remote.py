@@ -165,7 +165,9 @@ def make_app(store: ModelStore, egress_gbps: float | None = None) -> web.Applica
         except KeyError:
             return json_error(404, f"unknown model {name!r}")
         path = store.root / name / fname
-        if not path.is_file():
+        # a model is a folder (or a link to one) under the root; a side file must be in it:
+        # never a link out of the model's folder
+        if not path.is_file() or not path.resolve().is_relative_to((store.root / name).resolve()):
             return json_error(404, f"model {name!r} has no {fname}")
         return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
 

@@ -3,6 +3,7 @@ SIGINT / SIGTERM (running the app's cleanup hooks, which free shared memory)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import signal
 import threading
 
@@ -14,9 +15,28 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def require_token(app: web.Application, token: str | None) -> None:
+    """With a cluster token, every request must carry "Authorization: Bearer TOKEN" (compared
+    in constant time); others get 401. Without one, nothing changes."""
+    if not token:
+        return
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return json_error(401, "the cluster token is missing or wrong")
+        return await handler(request)
+
+    app.middlewares.append(check)
+
+
 async def serve(app: web.Application, host: str, port: int, what: str,
-                stop: asyncio.Event | None = None, extra: str = "") -> None:
-    """Run until SIGINT/SIGTERM or until ``stop`` is set."""
+                stop: asyncio.Event | None = None, extra: str = "",
+                token: str | None = None) -> None:
+    """Run until SIGINT/SIGTERM or until ``stop`` is set; with ``token``, see require_token."""
+    require_token(app, token)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -34,7 +54,7 @@ async def serve(app: web.Application, host: str, port: int, what: str,
 
 
 def run_until(app: web.Application, host: str, port: int, what: str,
-              exit_requested: threading.Event, extra: str = "") -> None:
+              exit_requested: threading.Event, extra: str = "", token: str | None = None) -> None:
     """Serve ``app`` (blocking) until SIGINT/SIGTERM or until another thread sets
     ``exit_requested``; on the way out the event is set, so the thread watching it ends too."""
 
@@ -44,7 +64,7 @@ def run_until(app: web.Application, host: str, port: int, what: str,
         loop.run_in_executor(None, lambda: (exit_requested.wait(),
                                             loop.call_soon_threadsafe(stop.set)))
         try:
-            await serve(app, host, port, what, stop, extra)
+            await serve(app, host, port, what, stop, extra, token)
         finally:
             exit_requested.set()
 

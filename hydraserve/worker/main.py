@@ -129,6 +129,7 @@ def run_runtime(args: argparse.Namespace) -> int:
         log.error("runtime for %s cannot become a worker on %s with engine %s", args.device,
                   wargs.device, wargs.engine)
         return 2
+    wargs.cluster_token = getattr(args, "cluster_token", None)
     log.info("runtime pid %d: adopted as worker %s", os.getpid(), wargs.worker_id)
     return run(wargs, adopted)
 
@@ -137,6 +138,10 @@ def run(args: argparse.Namespace, start: float | None = None) -> int:
     """Serve as the worker ``args`` describes; ``start``: when it was asked to (default: when
     this process started)."""
     start = START if start is None else start
+    from hydraserve.httpjson import use_token
+
+    token = getattr(args, "cluster_token", None)
+    use_token(token)  # the calls to the agent carry it
     if args.engine == "vllm":
         from hydraserve.worker.vllm_worker import run as run_vllm
 
@@ -190,7 +195,7 @@ def run(args: argparse.Namespace, start: float | None = None) -> int:
     timeline.mark("http_ready")
     try:
         run_until(app, args.host, args.port, f"hydraserve worker {wid}", worker.exit_requested,
-                  extra=f" stage_port={worker.stage_port}")
+                  extra=f" stage_port={worker.stage_port}", token=token)
     finally:
         worker.stop()
     logging.getLogger("hydraserve.worker").info("worker %s: exited", wid)

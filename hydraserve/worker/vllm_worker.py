@@ -341,7 +341,8 @@ def run(args: argparse.Namespace, start: float) -> int:
     worker.timeline.mark("http_ready")
     try:
         run_until(app, args.host, args.port, f"hydraserve worker {wid} (vllm)",
-                  worker.exit_requested, extra=" stage_port=0")
+                  worker.exit_requested, extra=" stage_port=0",
+                  token=getattr(args, "cluster_token", None))
     finally:
         worker.stop()
     log.info("worker %s: exited", wid)
