@@ -5,6 +5,8 @@ config against hydraserve.config, the Dockerfiles for the basics, and the contro
 paths for being torch-free (the control image has no torch)."""
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import json
 import re
@@ -17,6 +19,8 @@ import yaml
 
 from hydraserve.cli import build_parser
 from hydraserve.cluster.base import WorkerSpec, worker_args
+from hydraserve.cluster.kubernetes import TOKEN_ENV, worker_pod
+from hydraserve.config import KubernetesConfig
 from hydraserve.config import cluster_from_dict, models_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +117,7 @@ def test_schema_strict(where, doc):
 
 def test_strict_validation_rejects_unknown_fields():
     kv = pytest.importorskip("kubernetes_validate")
-    pod = json.loads(json.dumps(_one("Pod", "hs-llama-2-7b-3-r0")))
+    pod = json.loads(json.dumps(_one("Pod", "hs-llama-2-7b-3-r0-5f3a9c")))
     _container(pod)["hostIPC"] = True  # a pod field, misplaced in the container
     with pytest.raises(kv.ValidationError):
         kv.validate(pod, K8S_VERSION, strict=True)
@@ -191,7 +195,7 @@ def test_rbac_is_exact():
     assert gw["serviceAccountName"] == "hydraserve-gateway"
     # the other pods never talk to the API server
     for kind, name in [("Deployment", "hydraserve-store"), ("DaemonSet", "hydraserve-agent"),
-                       ("Pod", "hs-llama-2-7b-3-r0")]:
+                       ("Pod", "hs-llama-2-7b-3-r0-5f3a9c")]:
         assert _pod_spec(_one(kind, name))["automountServiceAccountToken"] is False
 
 
@@ -240,7 +244,7 @@ def test_gateway_args_parse_and_config_mounts():
         "serve", "kubernetes", "0.0.0.0", GATEWAY_PORT)
     assert c["image"] == "hydraserve-control:latest"
     assert c["env"] == [{"name": "HYDRASERVE_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {
-        "name": "hydraserve-admin", "key": "token", "optional": True}}}]
+        "name": "hydraserve-admin", "key": "token", "optional": True}}}, TOKEN_ENV]
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     vols = {v["name"]: v for v in spec["volumes"]}
     cm = _one("ConfigMap", "hydraserve-config")
@@ -266,31 +270,21 @@ def test_configmap_loads_with_hydraserve_config():
 
 
 def test_example_worker_pod_is_what_the_backend_starts():
-    pod = _one("Pod", "hs-llama-2-7b-3-r0")
+    pod = _one("Pod", "hs-llama-2-7b-3-r0-5f3a9c")
+    spec_ = WorkerSpec(worker_id="llama-2-7b-3-r0", model="llama-2-7b", node="gpu-node-1",
+                       rank=0, p=2, layers=(0, 16), all_card=True, num_kv_blocks=1024,
+                       device="cuda", dtype="float16", gpu_memory_gb=19.0)
+    agent = f"http://10.244.1.7:{AGENT_PORT}"
+    kcfg = KubernetesConfig(**{k: v for k, v in K8S_KEYS.items()
+                               if k in {f.name for f in dataclasses.fields(KubernetesConfig)}})
+    built = worker_pod(spec_, kcfg, agent, True, run="5f3a9c")
+    assert pod == {**built, "metadata": {**built["metadata"], "namespace": NAMESPACE}}
     spec, c = pod["spec"], _container(pod)
-    labels = pod["metadata"]["labels"]
-    wid = labels["hydraserve.io/worker-id"]
-    assert pod["metadata"]["name"] == f"hs-{wid}"
-    assert labels == {**PART_OF, COMPONENT: "worker", "hydraserve.io/gateway": "hydraserve",
-                      "hydraserve.io/worker-id": wid, "hydraserve.io/model": "llama-2-7b",
-                      "hydraserve.io/rank": "0"}
-    assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 10
-    assert spec["hostIPC"] is True and spec["hostPID"] is True
     _check_dev_shm(spec, c)
     assert spec["securityContext"]["runAsUser"] == UID
-    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"]
-    assert term == {"matchFields": [{"key": "metadata.name", "operator": "In",
-                                     "values": ["gpu-node-1"]}]}
     assert (c["name"], c["image"]) == ("worker", K8S_KEYS["worker_image"])
     assert _ports(c) == {"http": WORKER_PORT, "stage": STAGE_PORT}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["resources"]["limits"] == {K8S_KEYS["share_resource"]: "19"}
-    # the args are hydraserve.cluster.base.worker_args plus where to listen
-    spec_ = WorkerSpec(worker_id=wid, model="llama-2-7b", node="gpu-node-1", rank=0, p=2,
-                       layers=(0, 16), all_card=True, num_kv_blocks=1024, device="cuda",
-                       dtype="float16", gpu_memory_gb=19.0)
-    agent = f"http://10.244.1.7:{AGENT_PORT}"
     assert c["args"] == worker_args(spec_, agent) + [
         "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--stage-port", str(STAGE_PORT)]
     args = _parse(c)

@@ -163,6 +163,9 @@ def worker_pod(spec: WorkerSpec, kcfg: KubernetesConfig, agent_url: str, share: 
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [{"matchFields": [
                     {"key": "metadata.name", "operator": "In", "values": [spec.node]}]}]}}},
+            # GPU nodes are often tainted for GPU workloads only
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                             "effect": "NoSchedule"}],
             "containers": [container],
             "volumes": [{"name": "dev-shm", "hostPath": {"path": "/dev/shm",
                                                          "type": "Directory"}}],
