@@ -96,11 +96,18 @@ def _evict_host_caches(url: str, model: str) -> None:
                 call(agent, "DELETE", f"/regions/{r['id']}")
 
 
-def one_trial(url: str, model: str, evict: bool = False) -> dict:
+def _pool_ready(url: str, n: int) -> bool:
+    """Every server's warm runtimes (n each) have finished their imports."""
+    pools = call(url, "GET", "/admin/instances").get("warm_runtimes") or {}
+    return bool(pools) and all(p["imported"] >= n for p in pools.values())
+
+
+def one_trial(url: str, model: str, evict: bool = False, warm: int = 0) -> dict:
     import openai
 
     deadline = time.monotonic() + 300
-    while _instances(url, model) and time.monotonic() < deadline:
+    while (_instances(url, model) or (warm and not _pool_ready(url, warm))) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     if evict:
         _evict_host_caches(url, model)
@@ -137,20 +144,23 @@ def one_trial(url: str, model: str, evict: bool = False) -> dict:
             "first_token_s": round(ttft - t["engine_ready"], 4) if "engine_ready" in t else None}
 
 
-def measure(url: str, exec_type: str, backend: str, models: list[str], trials: int) -> list[dict]:
+def measure(url: str, exec_type: str, backend: str, models: list[str], trials: int,
+            warm: int = 0) -> list[dict]:
+    """Rows for ``exec_type`` (named ``exec_type+warm`` when measured with ``warm`` runtimes)."""
     rows = []
+    name = exec_type + ("+warm" if warm else "")
     for model in models:
         try:
-            runs = [one_trial(url, model, evict=exec_type == "serverlessllm")
+            runs = [one_trial(url, model, evict=exec_type == "serverlessllm", warm=warm)
                     for _ in range(trials)]
         except Exception as e:  # noqa: BLE001 - one model failing must not end the experiment
-            print(f"{exec_type} {model} on {backend}: FAILED ({type(e).__name__}: {e}); "
+            print(f"{name} {model} on {backend}: FAILED ({type(e).__name__}: {e}); "
                   "no row written", file=sys.stderr, flush=True)
             continue
         best = sorted(runs, key=lambda r: r["ttft_s"])[:2]  # the paper: mean of the two smallest
         mean = lambda k: statistics.mean(r[k] for r in best if r[k] is not None) \
             if any(r[k] is not None for r in best) else None  # noqa: E731
-        row = {"exec_type": exec_type, "model": model, "backend": backend,
+        row = {"exec_type": name, "model": model, "backend": backend,
                "ttft_s": round(mean("ttft_s"), 4), "tpot_ms": round(mean("tpot_ms"), 3),
                "trials": ";".join(f"{r['ttft_s']:.3f}" for r in runs)}
         for k in ("queue_s", "fetch_s", "load_s", "init_s", "first_token_s"):
@@ -258,6 +268,11 @@ def main() -> None:
     ap.add_argument("--write-configs", default=None, metavar="DIR",
                     help="write cluster.yaml and models.yaml for one backend and exit")
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--warm-runtime", type=int, default=0, metavar="N",
+                    help="run with N pre-started worker runtimes per server (serve "
+                         "--warm-runtime) and save the rows as TYPE+warm, beside the "
+                         "paper-faithful ones: a platform feature, not the paper's (not for the "
+                         "genuine vLLM)")
     ap.add_argument("--cluster-backend", choices=["local", "kubernetes"], default="local",
                     help="local (default): the scaled testbed on this machine; kubernetes: a "
                          "cluster's labelled nodes (passed to `hydraserve serve`; see "
@@ -308,13 +323,15 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 cluster, models_yaml = write_configs(Path(tmp), backend, fit, et,
                                                      Path(args.models_dir))
+                warm = args.warm_runtime if et != "vllm" else 0
                 server = ServerProcess(["serve", "--cluster", str(cluster), "--models",
                                         str(models_yaml), *serve_args(et, vllm_python),
                                         "--port", "0", "--keep-alive", str(args.keep_alive),
-                                        "--cluster-backend", args.cluster_backend],
+                                        "--cluster-backend", args.cluster_backend,
+                                        "--warm-runtime", str(warm)],
                                        Path(tmp) / "serve.log", timeout=600)
                 try:
-                    rows = measure(server.url, et, backend, fit, args.trials)
+                    rows = measure(server.url, et, backend, fit, args.trials, warm)
                 finally:
                     server.stop()
                 save(rows, Path(args.out) / f"{backend}.csv")

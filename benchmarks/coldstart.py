@@ -20,7 +20,8 @@ streamed request from sending to its first token. TTFT = median of the trials.
 --warm-runtime; a trial starts once every server's pool has finished its imports), the same JSON
 keys; with --side-by-side each execution type also runs without the pool in the same invocation
 (the rows `TYPE` and `TYPE+warm`), so that the ratios are measured side by side. Every row gives
-its ratio to the floor.
+its ratio to the floor S / (p B) and to the stage floor, the fetch of the largest stage image
+(a tied embedding is fetched by both end stages, and layers are whole).
 """
 from __future__ import annotations
 
@@ -157,6 +158,18 @@ def main() -> None:
     else:
         model = demo_model()
     size_gb = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 100 / 1e9
+    from hydraserve.store.checkpoint import scan_checkpoint
+    from hydraserve.store.layout import StageLayout
+
+    tensors = scan_checkpoint(Path(model))
+    layout = StageLayout(tensors)
+
+    def stage_floor(p: int) -> float:
+        """The fetch of the largest stage image (a tied embedding is fetched by the first and
+        the last stage, and layers are whole): what a split of p can reach at best."""
+        largest = max(sum(tensors[n].nbytes for n in layout.tensor_names(s))
+                      for s in layout.stages(p))
+        return largest * 100 * 8 / 1e9 / nic
     res: dict = {}
     overhead = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,10 +195,12 @@ def main() -> None:
                 p = trials[-1][1]["placement_p"]
                 cached = name == "serverlessllm_with_cached_model"  # no fetch at all
                 floor = 0.0 if cached else size_gb * 8 / (p * nic)
+                sfloor = 0.0 if cached else stage_floor(p)
                 ttft = statistics.median(t[0] for t in trials)
                 res[key] = {"ttft_s": ttft, "trials": [round(t[0], 3) for t in trials], "p": p,
-                            "floor_s": floor, "warm_runtimes": warm,
+                            "floor_s": floor, "stage_floor_s": sfloor, "warm_runtimes": warm,
                             "to_floor": round(ttft / floor, 3) if floor else None,
+                            "to_stage_floor": round(ttft / sfloor, 3) if sfloor else None,
                             "timeline": trials[-1][1].get("timeline")}
                 if et == "hydraserve" and overhead is None:
                     overhead = warm_overhead(gw.url)
@@ -194,10 +209,14 @@ def main() -> None:
             print(f"{key}: {res[key]}", file=sys.stderr)
     print(f"\n{Path(model).name}: {size_gb:.1f} GB (paper units), NIC {nic:g} Gbps per server, "
           f"TTFT SLO {slo:g} s; median of {args.trials} cold trials\n")
-    print(f"{'execution type':<34}{'p':>3}{'TTFT s':>9}{'floor s':>9}{'TTFT/floor':>12}")
+    print("floor = S / (p B); stage floor = the largest stage image / B")
+    print(f"{'execution type':<34}{'p':>3}{'TTFT s':>9}{'floor s':>9}{'TTFT/floor':>12}"
+          f"{'stage floor':>13}{'TTFT/stage':>12}")
     for et, r in res.items():
         ratio = f"{r['to_floor']:.2f}" if r["to_floor"] else "-"
-        print(f"{et:<34}{r['p']:>3}{r['ttft_s']:>9.2f}{r['floor_s']:>9.2f}{ratio:>12}")
+        sratio = f"{r['to_stage_floor']:.2f}" if r["to_stage_floor"] else "-"
+        print(f"{et:<34}{r['p']:>3}{r['ttft_s']:>9.2f}{r['floor_s']:>9.2f}{ratio:>12}"
+              f"{r['stage_floor_s']:>13.2f}{sratio:>12}")
     for suffix in ("", "+warm"):
         base = "serverless_vllm" + suffix
         for h in ("hydraserve" + suffix, "hydraserve:static4" + suffix):

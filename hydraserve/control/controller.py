@@ -419,10 +419,15 @@ class Controller:
         standalone instances."""
         all_card = [s for s in inst.stages if s.all_card]
         # at low priority: let the requests that started the instance get their first token
-        # before the rest of the model competes with them for the head's CPU and copies
-        while inst.active and "first_token" not in inst.timeline and \
-                inst.state is InstanceState.READY:
+        # before the rest of the model competes with them for the head's CPU and copies (at
+        # "ready" they may still be queued, not yet dispatched: wait for them too)
+        deadline = self.clock() + 120.0
+        while "first_token" not in inst.timeline and inst.state is InstanceState.READY and \
+                (inst.active or ep.queue) and self.clock() < deadline:
             await asyncio.sleep(0.02)
+        # and let each all-card stage finish its own fetch: the rest would share its NIC
+        while any(s.fetch is not None for s in all_card) and inst.state is InstanceState.READY:
+            await asyncio.sleep(0.05)
         # the rest of the model is fetched with the node's NIC to itself (PAPER.md 5): wait
         # until each all-card node is free of other fetches, then book it exclusively
         rest_gbits = ep.size_gb * 8 * (inst.placement.p - 1) / inst.placement.p
