@@ -39,7 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hydraserve.httpjson import call, stream  # noqa: E402
+from benchmarks.common import gateway_overhead_ms  # noqa: E402
+from hydraserve.httpjson import call  # noqa: E402
 from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
 from hydraserve.store.launch import ServerProcess  # noqa: E402
 
@@ -101,33 +102,9 @@ def cold_ttft(url: str, client, evict: bool, warm: int = 0) -> tuple[float, dict
     return ttft, inst
 
 
-def warm_overhead(url: str, n: int = 30) -> float:
-    """Median time the gateway adds to a warm 1-token request, ms: the same request through
-    POST /v1/completions and straight to the instance head's /generate, interleaved, both over
-    plain HTTP (http.client), so client libraries do not count."""
-    import http.client
-
-    port = int(url.rsplit(":", 1)[1])
-    body = json.dumps({"model": MODEL, "prompt": [10, 11, 12], "max_tokens": 1}).encode()
-
-    def via() -> None:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        c.request("POST", "/v1/completions", body=body,
-                  headers={"Content-Type": "application/json"})
-        c.getresponse().read()
-        c.close()
-
-    via()
-    head = next(i for i in _instances(url) if i["state"] == "ready")["stages"][0]["url"]
-    diffs = []
-    for _ in range(n):
-        t = time.perf_counter()
-        via()
-        t_via = time.perf_counter() - t
-        t = time.perf_counter()
-        list(stream(head, "/generate", {"prompt_ids": [10, 11, 12], "max_tokens": 1}))
-        diffs.append(t_via - (time.perf_counter() - t))
-    return statistics.median(diffs) * 1000
+def warm_overhead(url: str) -> float:
+    return gateway_overhead_ms(url, MODEL, lambda: next(
+        i for i in _instances(url) if i["state"] == "ready")["stages"][0]["url"])
 
 
 def main() -> None:

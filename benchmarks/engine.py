@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_name  # noqa: E402
 from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
 from hydraserve.worker.vllm_worker import find_vllm_python  # noqa: E402
 
@@ -35,17 +36,10 @@ SPEC = ModelSpec(arch="llama", hidden=768, layers=12, heads=12, kv_heads=4, inte
 
 
 def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{platform.python_version()}")
 
 
 def ensure_model(path: Path) -> Path:

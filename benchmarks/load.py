@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -32,25 +29,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hydraserve.httpjson import stream  # noqa: E402
+from benchmarks.common import gateway_overhead_ms, machine  # noqa: E402
 from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
 from hydraserve.store.launch import ServerProcess  # noqa: E402
 
 PROMPTS = ["def main():", "The capital of France is", "Once upon a time", "SELECT * FROM",
            "import numpy as np", "Dear team,", "The quick brown fox", "1, 2, 3, 4,"]
 REQUEST_TIMEOUT_S = 120.0  # one request; a cold start here takes a few seconds
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -121,35 +106,14 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def warm_overhead(url: str, model: str, n: int = 30) -> float | None:
+def warm_overhead(url: str, model: str) -> float | None:
     """Median ms the gateway adds to a warm 1-token request (see the module's docstring)."""
-    import http.client
+    def head() -> str | None:
+        ready = [i for i in _get(url + "/admin/instances")["instances"]
+                 if i["model"] == model and i["state"] == "ready"]
+        return ready[0]["stages"][0]["url"] if ready else None
 
-    port = int(url.rsplit(":", 1)[1])
-    body = json.dumps({"model": model, "prompt": [10, 11, 12], "max_tokens": 1}).encode()
-
-    def via() -> None:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        c.request("POST", "/v1/completions", body=body,
-                  headers={"Content-Type": "application/json"})
-        c.getresponse().read()
-        c.close()
-
-    via()
-    ready = [i for i in _get(url + "/admin/instances")["instances"]
-             if i["model"] == model and i["state"] == "ready"]
-    if not ready:
-        return None
-    head = ready[0]["stages"][0]["url"]
-    diffs = []
-    for _ in range(n):
-        t = time.perf_counter()
-        via()
-        t_via = time.perf_counter() - t
-        t = time.perf_counter()
-        list(stream(head, "/generate", {"prompt_ids": [10, 11, 12], "max_tokens": 1}))
-        diffs.append(t_via - (time.perf_counter() - t))
-    return statistics.median(diffs) * 1000
+    return gateway_overhead_ms(url, model, head)
 
 
 def main(argv: list[str] | None = None) -> int:
