@@ -107,3 +107,40 @@ def test_runtimes_hold_gpu_memory_on_cuda_only():
     assert runtime_budgets((24.0, 24.0), cuda) == [23.0, 24.0]
     assert runtime_budgets((24.0,), CFG) == [24.0]  # CPU: host memory only
     assert runtime_budgets((24.0,), dataclasses.replace(cuda, warm_runtimes=0)) == [24.0]
+
+
+def test_serve_with_a_warm_runtime_answers_from_an_adopted_worker(tmp_path, model_dirs):
+    """`hydraserve serve --warm-runtime 1`: the pool is visible in the admin API, and the cold
+    start's worker is a runtime that was adopted."""
+    import json
+    import urllib.request
+
+    import yaml
+
+    from hydraserve.config import cluster_to_dict
+    from hydraserve.store.launch import ServerProcess
+
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster_to_dict(
+        dataclasses.replace(CFG, warm_runtimes=0))))
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": [
+        {"name": "m", "path": model_dirs["llama"], "ttft_slo_s": 30}]}))
+    gw = ServerProcess(["serve", "--cluster", str(tmp_path / "cluster.yaml"), "--models",
+                        str(tmp_path / "models.yaml"), "--port", "0", "--warm-runtime", "1",
+                        "--log-dir", str(tmp_path / "logs")], tmp_path / "gw.log", timeout=120)
+    try:
+        def admin() -> dict:
+            with urllib.request.urlopen(gw.url + "/admin/instances", timeout=30) as r:
+                return json.loads(r.read())
+
+        wait_for(lambda: all(p["imported"] == 1 for p in admin()["warm_runtimes"].values()),
+                 what="the pool's imports")
+        assert sorted(admin()["warm_runtimes"]) == ["n0", "n1"]
+        req = urllib.request.Request(gw.url + "/v1/completions", data=json.dumps(
+            {"model": "m", "prompt": "x", "max_tokens": 3}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 3
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("runtime-*.log"))
+        assert "adopted as worker m-" in logs
+    finally:
+        assert gw.stop() == 0
