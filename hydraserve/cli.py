@@ -7,6 +7,8 @@ Environment variables (read here only):
   HYDRASERVE_CACHE        serve: where the default model is converted to (default ~/.cache/hydraserve)
   HYDRASERVE_CLUSTER_TOKEN serve, store, worker: the optional shared secret of the store's, the
                           agents' and the workers' APIs (sent and checked when set)
+  KUBECONFIG              serve --cluster-backend kubernetes: the kubeconfig, when --kubeconfig
+                          is not given
 """
 from __future__ import annotations
 
@@ -383,7 +385,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "imported; on CUDA the context made), which cold starts adopt instead of "
                         "starting a process; local backend (default: the cluster file's "
                         "warm_runtimes, else 0). A platform feature, not the paper's: each "
-                        "idle runtime holds ~0.4 GB of host memory (and on CUDA its context)")
+                        "idle runtime holds ~0.3 GB of host memory (and on CUDA its context)")
     p.add_argument("--kubeconfig", default=None,
                    help="with --cluster-backend kubernetes: the kubeconfig to use (default: "
                         "KUBECONFIG, else the pod's service account, else ~/.kube/config)")

@@ -29,6 +29,7 @@ from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.agent import SHM_PREFIX
 from hydraserve.store.launch import ServerProcess
+from hydraserve.worker.main import RUNTIME_READY
 
 log = logging.getLogger("hydraserve.cluster")
 
@@ -101,7 +102,7 @@ class LocalCluster(HttpServices):
     @staticmethod
     def _read_ready(proc: ServerProcess) -> None:
         try:
-            if proc.proc.stdout.readline().startswith("runtime ready"):
+            if proc.proc.stdout.readline().startswith(RUNTIME_READY):
                 proc.imported.set()
         except (OSError, ValueError):  # closed: it was stopped
             pass
