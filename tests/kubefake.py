@@ -145,6 +145,7 @@ class FakeKubernetes:
         self.subnet = secrets.randbelow(256)  # pods of two fakes (or a leftover) never clash
         self.node_index = {name: i for i, name in enumerate(nodes)}
         self.loop = asyncio.new_event_loop()
+        self.closing = False
         self._started = threading.Event()
         self.url: str | None = None
         for name, n in nodes.items():
@@ -184,7 +185,16 @@ class FakeKubernetes:
         self.loop.run_forever()
 
     def close(self) -> None:
-        """Kill every pod process (SIGTERM, then SIGKILL) and stop the server."""
+        """Stop the kubelet (no container starts or restarts after this), kill every pod
+        process (SIGTERM, then SIGKILL) and stop the server."""
+        self.closing = True
+        if self.url is not None:
+            async def stop_kubelet():
+                for t in list(self._tasks):
+                    t.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(stop_kubelet(), self.loop).result(15)
         for key, proc in list(self.procs.items()):
             _terminate(proc, 5)
         self.procs.clear()
@@ -194,8 +204,6 @@ class FakeKubernetes:
         async def stop():
             for q in list(self.watchers):
                 q.put_nowait(None)
-            for t in list(self._tasks):
-                t.cancel()
             await self.runner.cleanup()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(15)
@@ -512,6 +520,8 @@ class FakeKubernetes:
             if pod is None or pod["metadata"].get("deletionTimestamp"):
                 return
             argv, env = self._command(pod, ip)
+            if self.closing:
+                return
             with open(log_path, "a") as log:
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env={**os.environ, **env},
@@ -725,6 +735,7 @@ def main() -> int:
     ap.add_argument("--cluster", help="a local cluster YAML whose servers become the nodes "
                                       "(default: 2 servers, one 24 GB GPU, 16 Gbps, 1/100)")
     args = ap.parse_args()
+    _interrupt_on_sigterm()  # stopped with SIGTERM too, it ends every pod it started
     cfg = load_cluster(args.cluster) if args.cluster else ClusterConfig(
         servers=tuple(ServerConfig(f"n{i}", (24.0,), 16.0) for i in range(2)),
         scale=ScaleConfig(size_scale=100.0))
@@ -741,6 +752,12 @@ def main() -> int:
     finally:
         fake.close()
     return 0
+
+
+def _interrupt_on_sigterm() -> None:
+    def handler(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":
