@@ -501,9 +501,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]).choices[0].message.content)"
 """, flush=True)
 
-    if args.cluster_backend == "kubernetes":
-        backend.cfg = cluster_cfg  # with the execution type's host cache
-    else:
+    if args.cluster_backend == "local":
         backend = LocalCluster(cluster_cfg, args.log_dir, token=args.cluster_token)
     gateway = Gateway(gw, cluster_cfg, backend, models)
     grace = max(0.0, args.shutdown_grace)

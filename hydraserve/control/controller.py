@@ -595,11 +595,11 @@ class Controller:
 
     def describe(self) -> dict:
         pool = getattr(self.cluster, "pool", None)  # the warm runtimes, where the backend has them
+        idle, imported = (pool(), pool(imported=True)) if pool else ({}, {})
         return {"exec_type": self.gw.exec_type,
                 "agents": self.cluster.agent_urls(),
-                "warm_runtimes": {} if pool is None else {
-                    node: {"idle": len(pids), "imported": len(pool(imported=True)[node])}
-                    for node, pids in pool().items()},
+                "warm_runtimes": {node: {"idle": len(pids), "imported": len(imported[node])}
+                                  for node, pids in idle.items()},
                 "models": {n: {"queued": len(ep.queue), "cold_starts": ep.cold_starts,
                                "size_gb": round(ep.size_gb, 3),
                                "instances": [i.id for i in ep.instances]}
