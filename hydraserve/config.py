@@ -130,6 +130,7 @@ class GatewayConfig:
     retry_after_s: int = 2  # the Retry-After of a 429 (a full queue)
     sse_heartbeat_s: float = 10.0  # an SSE comment after this long without an event (0: never)
     queue_timeout_s: float = 300.0  # a request no instance could take by then fails with 503
+    failover_retries: int = 3  # times one request is placed again after its instance was lost
     admin_token: str | None = None
     max_model_len: int = 3072
     max_new_tokens: int = 1024

@@ -127,3 +127,45 @@ def test_the_sim_command_writes_a_run_folder(tmp_path):
     assert summary["exec_type"] == "serverless_vllm" and summary["cv"] == 4
     assert summary["cost_gbs_per_request"] > 0 and summary["tpot_attainment"] is not None
     assert (tmp_path / "run" / "lifecycle.jsonl").exists()
+
+
+def test_a_worker_lost_mid_stream_resumes_on_a_new_instance():
+    """The control plane's failover on virtual time: the simulated worker of a p = 1 instance
+    dies after the first tokens; the stream goes back to the queue with its tokens, a new
+    instance cold-starts, and the client receives exactly max_tokens tokens, one final event."""
+    from hydraserve.config import GatewayConfig, ModelConfigEntry
+    from hydraserve.control.controller import Controller
+    from hydraserve.control.instance import Request
+    from hydraserve.control.presets import preset
+    from hydraserve.sim.cluster import SimCluster
+    from hydraserve.sim.run import PAPER_SHAPES
+
+    async def main():
+        cfg = ClusterConfig(servers=(ServerConfig("a10-0", (80.0,), 16.0),
+                                     ServerConfig("a10-1", (80.0,), 16.0)),
+                            scale=ScaleConfig(after_fetch_ms=2000))
+        shape, model_cfg = PAPER_SHAPES["Llama2-7B"]
+        cluster = SimCluster(cfg, {"m": shape})
+        loop = asyncio.get_running_loop()
+        controller = Controller(cluster, cfg, GatewayConfig(keep_alive_s=5),
+                                preset("hydraserve_with_single_worker"), clock=loop.time,
+                                lifecycle_clock=loop.time)
+        controller.register(ModelConfigEntry("m", "sim:Llama2-7B", ttft_slo_s=60,
+                                             size_gb=shape.size_gb), model_cfg=model_cfg)
+        await controller.start()
+        req = Request("r", "m", [1] * 50, {"max_tokens": 400, "temperature": 0.0},
+                      arrival=loop.time())
+        controller.submit(req)
+        items = []
+        while not items or not (items[-1].get("finish_reason") or "error" in items[-1]):
+            items.append(await req.events.get())
+            if len(items) == 40:  # the first chunks are in: the worker dies
+                cluster.workers[controller.instances[req.instance].head.worker_id].kill()
+        ep = controller.endpoints["m"]
+        await controller.close()
+        return items, ep
+
+    items, ep = run(main())
+    assert all("error" not in it for it in items), items[-1]
+    assert len(items) == 400 and items[-1]["finish_reason"] == "length"
+    assert ep.cold_starts == 2 and ep.resumed == 1

@@ -278,7 +278,8 @@ class LocalCluster(HttpServices):
             _free_segments(a.proc.pid)  # nothing left unless it was killed
         if self._store:
             self._store.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        # the store's links and, unless a log folder was given, the logs: nothing stays behind
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def _free_segments(agent_pid: int) -> None:

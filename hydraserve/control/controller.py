@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from hydraserve.control.snapshot import (MAX_GROUP, ModelInfo, NodeSnapshot, Pla
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks  # torch-free
 
 KV_BLOCK_SIZE = EngineConfig.block_size  # the workers' block size (WorkerSpec's default)
-MAX_RETRIES = 2  # a request whose instance fails before its first token is placed again
+LOST = ("the model's worker was lost while serving this request and it could not be placed "
+        "again; details are in the server log")
 
 log = logging.getLogger("hydraserve.control")
 
@@ -55,6 +57,9 @@ class Endpoint:
     instances: list[Instance] = field(default_factory=list)
     layouts: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     cold_starts: int = 0
+    refused: int = 0  # requests turned away: no free slot and a full queue
+    cancelled: int = 0  # requests whose client went away before they ended
+    resumed: int = 0  # streams placed again after their instance was lost mid-stream
 
     @property
     def name(self) -> str:
@@ -176,17 +181,38 @@ class Controller:
         self.cluster.unregister_model(name)
 
     # -- requests ----------------------------------------------------------------------------------
+    def free_slots(self, ep: Endpoint) -> int:
+        """Requests the endpoint's ready and starting instances can still take."""
+        return sum(max(0, i.capacity - i.active) for i in ep.instances
+                   if i.state in (InstanceState.READY, InstanceState.STARTING))
+
     def submit(self, req: Request) -> None:
+        """Admit a request: while a ready or starting instance has a free slot, or the queue
+        has room (``max_queue`` beyond those slots); else `QueueFull`."""
         ep = self.endpoints[req.model]
         if self._draining:
             raise Draining("the server is shutting down")
-        if len(ep.queue) >= self.gw.max_queue:
-            raise QueueFull(f"{len(ep.queue)} requests are queued for {req.model}")
+        free = self.free_slots(ep)
+        if len(ep.queue) >= self.gw.max_queue + free:
+            ep.refused += 1
+            raise QueueFull(f"{len(ep.queue)} requests are queued for {req.model} and its "
+                            f"instances have no free slot")
+        if req.params.get("temperature") and req.params.get("seed") is None:
+            # sampling is stateless given (seed, i): with the seed fixed here, a stream that
+            # loses its worker continues elsewhere exactly as it would have
+            req.params["seed"] = secrets.randbits(62)
         ep.queue.append(req)
         self.wake()
 
-    def cancel(self, req: Request) -> None:
+    def cancel(self, req: Request, by_client: bool = True) -> None:
+        """End a request early: its client went away, or (``by_client`` False) the gateway
+        has all it wants of it (a stop string)."""
+        if req.cancelled:
+            return
         req.cancelled = True
+        ep = self.endpoints.get(req.model)
+        if by_client and ep is not None:
+            ep.cancelled += 1
         if req.task is not None:
             req.task.cancel()
         self.wake()
@@ -216,7 +242,9 @@ class Controller:
     # -- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
         last_cache_check = 0.0
-        while True:
+        # not `while True`: on Python 3.11 wait_for can swallow a cancellation that arrives
+        # as its inner wait completes, and the loop would tick on after close()
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=0.1)
             except asyncio.TimeoutError:
@@ -238,7 +266,7 @@ class Controller:
 
     def _reconcile(self, ep: Endpoint, now: float) -> None:
         ep.queue = [r for r in ep.queue if not r.cancelled]
-        for r in [r for r in ep.queue if now - r.arrival > self.gw.queue_timeout_s]:
+        for r in [r for r in ep.queue if now - r.queued_at > self.gw.queue_timeout_s]:
             ep.queue.remove(r)
             r.events.put_nowait({"error": f"no instance of {ep.name} could be started within "
                                           f"{self.gw.queue_timeout_s:.0f} s (the cluster has no "
@@ -251,7 +279,7 @@ class Controller:
         if unserved > 0:
             self._scale_up(ep, now, math.ceil(unserved / self.gw.batch_capacity))
         for inst in list(ep.instances):
-            if (inst.state is InstanceState.READY and inst.active == 0
+            if (inst.state is InstanceState.READY and inst.active == 0 and not inst.consolidating
                     and now - inst.last_used > self.gw.keep_alive_s):
                 log.info("instance %s idle for %.0f s: scaling down", inst.id, now - inst.last_used)
                 self._spawn(self._stop_instance(inst, InstanceState.STOPPED))
@@ -272,7 +300,7 @@ class Controller:
     def placement_request(self, ep: Endpoint, now: float, wanted: int) -> PlacementRequest:
         """What placement decides on now; NIC admission books fetches from the same object, so
         both use one TTFT model (one W, one SLO, the cluster's after_fetch_ms)."""
-        wait_ms = (now - ep.queue[0].arrival) * 1000 if ep.queue else 0.0
+        wait_ms = (now - ep.queue[0].queued_at) * 1000 if ep.queue else 0.0
         e = ep.entry
         return PlacementRequest(
             model=ModelInfo(e.name, ep.size_gb, e.ttft_slo_s * 1000, e.tpot_slo_ms,
@@ -446,10 +474,11 @@ class Controller:
                 self._release_fetch(b)
             return
         inst.mark("consolidation_started")
+        inst.consolidating = True  # keep-alive leaves it alone until this ends either way
         try:
             await asyncio.gather(*(s.client.consolidate() for s in all_card))
             for s in all_card:
-                while True:
+                while inst.state is InstanceState.READY:
                     h = await s.client.health()
                     if h.get("standalone"):
                         break
@@ -457,12 +486,21 @@ class Controller:
                         raise RuntimeError(h.get("error") or "stage failed")
                     await asyncio.sleep(0.05)
         except Exception as e:  # noqa: BLE001 - the pipeline keeps serving as it is
-            log.warning("instance %s: consolidation failed (%s); it stays a pipeline", inst.id, e)
+            if inst.state is InstanceState.READY:
+                log.warning("instance %s: consolidation failed (%s); it stays a pipeline",
+                            inst.id, e)
+            else:
+                log.info("instance %s: consolidation ended: the instance is %s", inst.id,
+                         inst.state.value)
+            return
+        finally:
+            inst.consolidating = False
             for b in booked:
                 self._release_fetch(b)
+        if inst.state is not InstanceState.READY:  # stopped (or lost) while it consolidated
+            log.info("instance %s: consolidation ended: the instance is %s", inst.id,
+                     inst.state.value)
             return
-        for b in booked:
-            self._release_fetch(b)
         head, others = inst.stages[0], [s for s in inst.stages[1:]]
         for s in others:
             self._release_fetch(s)
@@ -499,60 +537,25 @@ class Controller:
         self._serving[req.id] = req
         req.task = self._spawn(self._serve(inst, req))
 
-    def _end(self, req: Request, error: str, status: int) -> None:
-        """A request's instance failed: place it again if the client has seen nothing of it yet
-        (the worker died during its start, say), else end it with a clear error event."""
-        ep = self.endpoints.get(req.model)
-        if (status != 400 and req.first_token is None and req.retries < MAX_RETRIES
-                and ep is not None and not self._closing and not self._draining
-                and not req.cancelled):
-            req.retries += 1
-            req.instance = None
-            ep.queue.insert(0, req)
-            log.warning("request %s goes back to the queue (%s)", req.id, error)
-            return
-        req.events.put_nowait({"error": error, "status": status})
-
     async def _serve(self, inst: Instance, req: Request) -> None:
-        body = {"prompt_ids": req.prompt_ids, **req.params}
-        ended = False
+        """Relay one request's stream from its instance. If the instance is lost (a stage
+        died, its server went away, or its worker left in order and handed the stream over),
+        the instance is retired and the request goes back to the queue with its tokens so far,
+        to continue on another instance."""
         try:
-            try:
-                async for item in inst.head.client.generate(body):
-                    now = self.clock()
-                    if "error" in item:
-                        self._end(req, item["error"], 500)
-                        ended = True
-                        raise RuntimeError(item["error"])
-                    if req.first_token is None:
-                        req.first_token = now
-                        inst.mark("first_token")
-                    if item.get("token_id") is not None:
-                        req.tokens += 1
-                    req.events.put_nowait(item)
-                    if item.get("finish_reason"):
-                        ended = True
-                        return
-            except WorkerError as e:
-                if e.status == 400:  # the request is invalid; the instance is fine
-                    req.events.put_nowait({"error": str(e), "status": 400})
-                    ended = True
-                    return
-                if not ended:
-                    self._end(req, str(e), 503)
-                    ended = True
-                raise
-            if not ended:
-                raise RuntimeError("the worker closed the stream early")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a broken instance: fail it, tell the client
-            if not ended:
-                self._end(req, f"instance {inst.id} failed: {e}", 500)
-            if inst.state is InstanceState.READY:
-                inst.error = str(e)
-                log.error("instance %s failed while serving: %s", inst.id, e)
-                self._spawn(self._stop_instance(inst, InstanceState.FAILED))
+            lost = await self._relay(inst, req)
+            if lost is not None:
+                detail, handover = lost
+                if inst.state is InstanceState.READY:
+                    # it takes no more requests; the requests it still has are lost alike
+                    inst.error = detail
+                    if handover:
+                        log.info("instance %s is leaving (its worker handed its streams over)",
+                                 inst.id)
+                    else:
+                        log.error("instance %s failed while serving: %s", inst.id, detail)
+                    self._retire(inst, InstanceState.STOPPED if handover else InstanceState.FAILED)
+                self._place_again(req, f"instance {inst.id}: {detail}")
         finally:
             self._serving.pop(req.id, None)
             inst.active -= 1
@@ -561,11 +564,69 @@ class Controller:
                       tokens=req.tokens)
             self.wake()
 
+    async def _relay(self, inst: Instance, req: Request) -> tuple[str, bool] | None:
+        """Pass the instance's token items on to the request. None once the request ended
+        (finished, or refused as invalid); else why the instance lost it, and whether in order
+        (a handover)."""
+        body = {"prompt_ids": req.prompt_ids, **req.params}
+        if req.output_ids:  # a resumed stream: the worker continues after these
+            body["output_ids"] = list(req.output_ids)
+        try:
+            async for item in inst.head.client.generate(body):
+                if "error" in item:
+                    if item.get("status") == 400:  # the request's fault; the worker is fine
+                        req.events.put_nowait({"error": item["error"], "status": 400})
+                        return None
+                    return str(item["error"]), bool(item.get("handover"))
+                if req.first_token is None:
+                    req.first_token = self.clock()
+                    inst.mark("first_token")
+                if item.get("token_id") is not None:
+                    req.output_ids.append(int(item["token_id"]))
+                req.events.put_nowait(item)
+                if item.get("finish_reason"):
+                    return None
+        except WorkerError as e:
+            if e.status == 400:
+                req.events.put_nowait({"error": str(e), "status": 400})
+                return None
+            return str(e), False
+        return "the worker closed the stream early", False
+
+    def _place_again(self, req: Request, detail: str) -> None:
+        """A request's instance was lost: queue it again at the front (it continues from its
+        tokens so far) while its retry budget lasts, else end it with a clear error event.
+        Its deadline is the queue timeout, counted from now."""
+        ep = self.endpoints.get(req.model)
+        if (req.retries < self.gw.failover_retries and ep is not None and not self._closing
+                and not self._draining and not req.cancelled):
+            req.retries += 1
+            req.instance = None
+            req.queued_at = self.clock()
+            if req.output_ids:
+                ep.resumed += 1
+            ep.queue.insert(0, req)
+            log.warning("request %s goes back to the queue after %d token(s) (%s)", req.id,
+                        req.tokens, detail)
+            return
+        log.error("request %s failed after %d retries: %s", req.id, req.retries, detail)
+        req.events.put_nowait({"error": LOST, "status": 503})
+
     # -- stopping ----------------------------------------------------------------------------------
+    def _retire(self, inst: Instance, final: InstanceState) -> None:
+        """Stop a ready instance in the background; from this moment it takes no request."""
+        if inst.state is InstanceState.READY:
+            inst.state = InstanceState.STOPPING
+            self._spawn(self._teardown(inst, final))
+
     async def _stop_instance(self, inst: Instance, final: InstanceState) -> None:
         if inst.state in (InstanceState.STOPPING, InstanceState.STOPPED):
             return
         inst.state = InstanceState.STOPPING
+        await self._teardown(inst, final)
+
+    async def _teardown(self, inst: Instance, final: InstanceState) -> None:
+        """Stop the workers (each hands its open streams over first) and free the claims."""
         for s in inst.stages:
             if s.client is not None:
                 try:

@@ -27,20 +27,31 @@ class InstanceState(enum.Enum):
 @dataclass
 class Request:
     """One generation request. ``events`` receives {"token_id", "finish_reason"} dicts, or
-    one {"error", "status"}; the gateway reads them."""
+    one {"error", "status"}; the gateway reads them. A request whose instance is lost goes back
+    to the queue with the tokens it produced (``output_ids``) and continues on another
+    instance after them, so its stream stays whole."""
 
     id: str
     model: str
     prompt_ids: list[int]
-    params: dict  # the worker's /generate fields besides prompt_ids
+    params: dict  # the worker's /generate fields besides prompt_ids and output_ids
     arrival: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     instance: str | None = None
     task: asyncio.Task | None = None
     first_token: float | None = None
-    tokens: int = 0  # generated so far
+    output_ids: list[int] = field(default_factory=list)  # sent to the client so far
     retries: int = 0  # times it went back to the queue after its instance failed
+    queued_at: float | None = None  # when it last joined its queue (the queue timeout's start)
+
+    def __post_init__(self) -> None:
+        if self.queued_at is None:
+            self.queued_at = self.arrival
+
+    @property
+    def tokens(self) -> int:
+        return len(self.output_ids)
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0
     consolidated: bool = False
+    consolidating: bool = False  # from consolidation_started until it ended either way
     timeline: dict[str, float] = field(default_factory=dict)  # seconds since created
     error: str | None = None
     clock: Callable[[], float] = time.monotonic  # the control plane's (created is on it)

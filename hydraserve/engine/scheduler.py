@@ -43,16 +43,26 @@ class Scheduler:
         self.num_preemptions = 0
 
     # -- requests ----------------------------------------------------------------------------
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def add(self, prompt_ids: list[int], params: SamplingParams,
+            output_ids: list[int] | tuple[int, ...] = ()) -> int:
+        """Queue a sequence. ``output_ids``: tokens it already produced (a stream resumed after
+        its worker was lost): they are recomputed with the prompt and count towards max_tokens,
+        and sampling continues at output index len(output_ids), so with the same seed the rest
+        of the stream is what an uninterrupted run gives."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model length is "
+        total = len(prompt_ids) + len(output_ids)
+        if total >= self.max_model_len:
+            raise ValueError(f"the prompt has {total} tokens; the model length is "
                              f"{self.max_model_len}")
-        if self._blocks_for(len(prompt_ids) + 1) > self.allocator.num_blocks:
+        if len(output_ids) >= params.max_tokens:
+            raise ValueError(f"{len(output_ids)} tokens were produced already; max_tokens is "
+                             f"{params.max_tokens}")
+        if self._blocks_for(total + 1) > self.allocator.num_blocks:
             raise ValueError("the prompt does not fit the KV cache even when it is empty")
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seq = Sequence(next(self._ids), list(prompt_ids), params, seed)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, seed,
+                       output_ids=list(output_ids))
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
         return seq.seq_id

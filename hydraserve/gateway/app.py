@@ -298,7 +298,7 @@ async def _events(req: Request, detok: Detokenizer, gateway: Gateway,
         delta = detok.push(item["token_id"])
         reason = item.get("finish_reason")
         if detok.stopped:
-            gateway.controller.cancel(req)
+            gateway.controller.cancel(req, by_client=False)
             reason = "stop"
         elif reason:
             delta += detok.flush()
@@ -351,6 +351,7 @@ async def _stream(events, shaper: Shaper, prompt_len: int, include_usage: bool, 
                 continue
             delta, reason, count, err = item
             if err:
+                done = True  # ended by the server: not a cancellation
                 yield sse({"error": {"message": err["error"], "type": "server_error",
                                      "code": err.get("status", 500)}})
                 return

@@ -22,15 +22,35 @@ class _ControllerCollector:
                                                                                      "state"])
         cold = CounterMetricFamily("hydraserve_cold_starts", "Instances started",
                                    labels=["model"])
+        running = GaugeMetricFamily("hydraserve_running_requests",
+                                    "Requests an instance is generating for now",
+                                    labels=["model", "instance"])
+        counters = {
+            "refused": CounterMetricFamily(
+                "hydraserve_refused_requests", "Requests refused with 429: no free slot and a "
+                "full queue", labels=["model"]),
+            "cancelled": CounterMetricFamily(
+                "hydraserve_cancelled_requests", "Requests whose client went away before they "
+                "ended (aborted on the worker at its next step)", labels=["model"]),
+            "resumed": CounterMetricFamily(
+                "hydraserve_resumed_requests", "Streams placed again after their instance was "
+                "lost mid-stream (continued from the tokens already sent)", labels=["model"]),
+        }
         for name, ep in self.c.endpoints.items():
             queue.add_metric([name], len(ep.queue))
             cold.add_metric([name], ep.cold_starts)
             for state in InstanceState:
                 inst.add_metric([name, state.value],
                                 sum(1 for i in ep.instances if i.state is state))
+            for i in ep.instances:
+                running.add_metric([name, i.id], i.active)
+            for attr, family in counters.items():
+                family.add_metric([name], getattr(ep, attr))
         yield queue
         yield inst
         yield cold
+        yield running
+        yield from counters.values()
 
 
 class Metrics:

@@ -189,6 +189,7 @@ class SimWorker:
         self.api_up: asyncio.Future = loop.create_future()
         self.ready: asyncio.Future = loop.create_future()
         self.state, self.error = "starting", None
+        self.leaving = False  # stopped in order: open streams are handed over
         self.standalone = spec.p == 1
         self.peers: list[int] = []
         self.active = 0
@@ -258,6 +259,8 @@ class SimWorker:
         self.peers = [int(p["stage_port"]) for p in sorted(peers, key=lambda p: p["rank"])]
 
     def _ring(self) -> list["SimWorker"]:
+        if self.state == "stopped":
+            raise WorkerError(f"worker {self.spec.worker_id} is gone", 503)
         if self.standalone:
             return [self]
         ring = [self.cluster.by_port.get(port) for port in self.peers]
@@ -272,8 +275,9 @@ class SimWorker:
         return compute + self.cost.hop_ms / 1000 * (len(ring) - 1)
 
     async def generate(self, body: dict) -> AsyncIterator[dict]:
-        n_out = int(body.get("max_tokens") or 16)
-        prompt = len(body.get("prompt_ids") or ())
+        done = len(body.get("output_ids") or ())  # a resumed stream continues after these
+        n_out = int(body.get("max_tokens") or 16) - done
+        prompt = len(body.get("prompt_ids") or ()) + done
         if n_out < 1 or prompt < 1:
             raise WorkerError("max_tokens and the prompt must be positive", 400)
         for w in self._ring():
@@ -288,6 +292,9 @@ class SimWorker:
             yield {"token_id": 0, "finish_reason": "length" if n_out == 1 else None}
             left = n_out - 1
             while left > 0:
+                if self.leaving:  # stopped in order: the control plane continues elsewhere
+                    yield {"error": "the worker is stopping", "handover": True}
+                    return
                 ring = self._ring()  # consolidation may shorten it mid-stream
                 k = min(left, TOKENS_PER_WAKEUP)
                 await asyncio.sleep(k * self._step_s(ring, self.active))
@@ -314,4 +321,5 @@ class SimWorker:
         self._mark("consolidated")
 
     async def stop(self) -> None:
+        self.leaving = True
         self.kill()

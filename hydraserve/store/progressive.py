@@ -42,6 +42,12 @@ class ProgressiveRegion:
         self.offset, self.length = offset, length
         self.region_id, self.agent_url = region_id, agent_url
         self.data = self.shm.buf[offset + COUNTER:offset + COUNTER + length]
+        self.cancelled = False  # set by another thread: the reader stops at its next wait
+
+    def cancel(self) -> None:
+        """Make the reading thread's next `wait_for` raise; that thread then closes the region
+        (closing it from here would pull the mapping from under a read in progress)."""
+        self.cancelled = True
 
     @classmethod
     def attach(cls, agent_url: str, spec: ImageSpec) -> "ProgressiveRegion":
@@ -54,6 +60,8 @@ class ProgressiveRegion:
 
     def wait_for(self, n: int, timeout: float = 120.0) -> None:
         """Block until the first ``n`` image bytes are in; raise if the fetch fails or stalls."""
+        if self.cancelled:
+            raise RegionError("the read was cancelled (the worker is stopping)")
         if self.received() >= n:
             return
         deadline = last_check = time.monotonic()
@@ -64,6 +72,8 @@ class ProgressiveRegion:
             got = self.received()
             if got >= n:
                 return
+            if self.cancelled:
+                raise RegionError("the read was cancelled (the worker is stopping)")
             now = time.monotonic()
             if got != last:
                 last, deadline = got, now + timeout

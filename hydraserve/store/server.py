@@ -34,10 +34,13 @@ def require_token(app: web.Application, token: str | None) -> None:
 
 async def serve(app: web.Application, host: str, port: int, what: str,
                 stop: asyncio.Event | None = None, extra: str = "",
-                token: str | None = None) -> None:
-    """Run until SIGINT/SIGTERM or until ``stop`` is set; with ``token``, see require_token."""
+                token: str | None = None, cancel_on_disconnect: bool = False) -> None:
+    """Run until SIGINT/SIGTERM or until ``stop`` is set; with ``token``, see require_token.
+    ``cancel_on_disconnect``: a handler is cancelled the moment its client closes the
+    connection (a streaming handler then stops the work behind it without waiting to fail a
+    write)."""
     require_token(app, token)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_on_disconnect)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -54,7 +57,8 @@ async def serve(app: web.Application, host: str, port: int, what: str,
 
 
 def run_until(app: web.Application, host: str, port: int, what: str,
-              exit_requested: threading.Event, extra: str = "", token: str | None = None) -> None:
+              exit_requested: threading.Event, extra: str = "", token: str | None = None,
+              cancel_on_disconnect: bool = False) -> None:
     """Serve ``app`` (blocking) until SIGINT/SIGTERM or until another thread sets
     ``exit_requested``; on the way out the event is set, so the thread watching it ends too."""
 
@@ -64,7 +68,7 @@ def run_until(app: web.Application, host: str, port: int, what: str,
         loop.run_in_executor(None, lambda: (exit_requested.wait(),
                                             loop.call_soon_threadsafe(stop.set)))
         try:
-            await serve(app, host, port, what, stop, extra, token)
+            await serve(app, host, port, what, stop, extra, token, cancel_on_disconnect)
         finally:
             exit_requested.set()
 

@@ -42,7 +42,8 @@ from hydraserve.worker.transport import ConnectionClosed, recv_msg, send_msg
 
 log = logging.getLogger("hydraserve.worker")
 
-Sink = Callable[[dict], None]  # receives {"token_id", "finish_reason"} or {"error"}
+Sink = Callable[[dict], None]  # receives {"token_id", "finish_reason"} or {"error", ...}
+HANDOVER = "the worker is stopping; the stream continues elsewhere"
 
 
 class WorkerState(enum.Enum):
@@ -99,6 +100,10 @@ class Worker:
         self._standalone_lock = threading.Lock()
         self.released = threading.Event()
         self.engine_thread: threading.Thread | None = None
+        self.loader_thread: threading.Thread | None = None  # reads self.region, closes it
+        self.rest_thread: threading.Thread | None = None  # reads self.rest_region, closes it
+        self.steps = 0  # engine steps launched (head / standalone)
+        self.aborted = 0  # sequences aborted (client gone, handed over)
 
     @property
     def is_head(self) -> bool:
@@ -106,7 +111,8 @@ class Worker:
 
     # -- loading ------------------------------------------------------------------------------
     def start_loading(self) -> None:
-        threading.Thread(target=self._load, name="loader", daemon=True).start()
+        self.loader_thread = threading.Thread(target=self._load, name="loader", daemon=True)
+        self.loader_thread.start()
 
     def _load(self) -> None:
         try:
@@ -118,17 +124,23 @@ class Worker:
                 self.region.wait_for(self.region.length)
             runner.load(iter_region(self.region))
             self.timeline.mark("weights_ready")
-            self.region.close()  # the weights are copied: the agent may free the region
-            self.region = None
             if self.is_head or self.standalone:
                 self.scheduler = Scheduler(self.cfg.engine, blocks, max_len, model_cfg.eos_token_ids)
             self.runner = runner
             self.state = WorkerState.READY
             self.timeline.mark("engine_ready")
         except Exception as e:  # noqa: BLE001 - reported through /health and to callers
-            log.exception("worker %s: loading failed", self.cfg.worker_id)
+            if self.stopping.is_set():
+                log.info("worker %s: loading abandoned (stopping)", self.cfg.worker_id)
+            else:
+                log.exception("worker %s: loading failed", self.cfg.worker_id)
             self._fail(f"loading failed: {e}")
         finally:
+            # the weights are copied (or will never be): the agent may free the region; only
+            # this thread closes it, so a stop never pulls the mapping from under a read
+            region, self.region = self.region, None
+            if region is not None:
+                region.close()
             self.weights_ready.set()
 
     # -- ring -------------------------------------------------------------------------------
@@ -189,29 +201,33 @@ class Worker:
             return "worker is not initialised (POST /init first)"
         return None
 
-    def submit(self, key: str, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> None:
-        self.events.put(("add", key, prompt_ids, params, sink))
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingParams, sink: Sink,
+               output_ids: list[int] | tuple[int, ...] = ()) -> None:
+        """Queue a request for the engine thread; ``output_ids``: tokens it already produced
+        elsewhere (a resumed stream continues at output index len(output_ids))."""
+        self.events.put(("add", key, prompt_ids, params, sink, tuple(output_ids)))
 
     def abort(self, key: str) -> None:
         self.events.put(("abort", key))
 
     # -- head / standalone engine thread ---------------------------------------------------------
     def _engine_loop(self) -> None:
+        """Continuous batching: events (new requests, aborts, tokens back from the ring) are
+        handled between every two steps, so a request joins the running batch at the next step
+        and an abort frees its blocks there, in every mode (standalone, head, consolidated)."""
         self.weights_ready.wait()
         while not self.stopping.is_set():
             self._handle_events(block=False)
             if self.switching and not self.in_flight and not self.kv_pending:
                 self._pull_kv()
-            launched = False
-            depth = 1 if self.standalone else self.cfg.p
-            while (self.state is WorkerState.READY and not self.switching
-                   and len(self.in_flight) < depth):
+            batch = None
+            depth = 1 if self.standalone else self.cfg.p  # batches a pipeline keeps in flight
+            if (self.state is WorkerState.READY and not self.switching
+                    and len(self.in_flight) < depth):
                 batch = self.scheduler.schedule()
-                if batch is None:
-                    break
+            if batch is not None:
                 self._launch(batch)
-                launched = True
-            if not launched:
+            else:
                 self._handle_events(block=True)
 
     def _handle_events(self, block: bool) -> None:
@@ -229,14 +245,14 @@ class Worker:
     def _handle(self, ev: tuple) -> None:
         kind = ev[0]
         if kind == "add":
-            _, key, prompt, params, sink = ev
+            _, key, prompt, params, sink, output_ids = ev
             if self.state is not WorkerState.READY:
                 sink({"error": f"worker is {self.state.value}: {self.error}"})
                 return
             try:
-                seq_id = self.scheduler.add(prompt, params)
+                seq_id = self.scheduler.add(prompt, params, output_ids)
             except ValueError as e:
-                sink({"error": str(e)})
+                sink({"error": str(e), "status": 400})  # the request's fault, not the worker's
                 return
             self.sinks[seq_id] = sink
             self.seq_of_key[key] = seq_id
@@ -245,6 +261,13 @@ class Worker:
             if seq_id is not None:
                 self.sinks.pop(seq_id, None)
                 self.scheduler.abort(seq_id)
+                self.aborted += 1
+        elif kind == "handover":
+            n = len(self.sinks)
+            self._fail_requests(HANDOVER, handover=True)
+            self.aborted += n
+            log.info("worker %s: handed %d stream(s) over", self.cfg.worker_id, n)
+            ev[1].set()
         elif kind == "tokens":
             batch = self.in_flight.pop(ev[1], None)
             if batch is not None:
@@ -261,6 +284,7 @@ class Worker:
             self._fail_requests(ev[1])
 
     def _launch(self, batch: StepBatch) -> None:
+        self.steps += 1
         try:
             out = self.runner.execute(batch, None)
             if self.standalone:
@@ -285,9 +309,12 @@ class Worker:
         if not self.sinks:
             self.seq_of_key.clear()
 
-    def _fail_requests(self, message: str) -> None:
+    def _fail_requests(self, message: str, handover: bool = False) -> None:
+        """End every open stream with an error item; ``handover``: the worker is leaving in
+        order, and the control plane continues each stream elsewhere."""
+        item = {"error": message, "handover": True} if handover else {"error": message}
         for seq_id, sink in list(self.sinks.items()):
-            sink({"error": message})
+            sink(dict(item))
             self.scheduler.abort(seq_id)
         self.sinks.clear()
         self.seq_of_key.clear()
@@ -409,23 +436,36 @@ class Worker:
         if self.timeline.has("consolidation_started"):
             return
         self.timeline.mark("consolidation_started")
-        threading.Thread(target=self._consolidate, name="consolidate", daemon=True).start()
+        self.rest_thread = threading.Thread(target=self._consolidate, name="consolidate",
+                                            daemon=True)
+        self.rest_thread.start()
 
     def _consolidate(self) -> None:
         try:
-            self.rest_region = ProgressiveRegion.attach(
+            region = ProgressiveRegion.attach(
                 self.cfg.agent, ImageSpec(self.cfg.model, ImageKind.REST, self.cfg.p, self.cfg.rank))
+            self.rest_region = region
+            if self.stopping.is_set():
+                region.cancel()  # stop() ran while we attached
             self.weights_ready.wait()
+            if self.runner is None:
+                raise RuntimeError(self.error or "the stage did not load")
             whole = StageSpec(0, 1, 0, self.runner.model_cfg.num_layers)
             self.runner.extend(whole)
-            self.runner.load(iter_region(self.rest_region))
-            self.rest_region.close()
-            self.rest_region = None
+            self.runner.load(iter_region(region))
             self.timeline.mark("rest_loaded")
         except Exception as e:  # noqa: BLE001
-            log.exception("worker %s: consolidation failed", self.cfg.worker_id)
-            self.error = f"consolidation failed: {e}"
+            if self.stopping.is_set():
+                log.info("worker %s: consolidation abandoned (stopping)", self.cfg.worker_id)
+            else:
+                log.exception("worker %s: consolidation failed", self.cfg.worker_id)
+                self.error = f"consolidation failed: {e}"
             return
+        finally:
+            # only this thread closes the region it reads (see stop)
+            region, self.rest_region = self.rest_region, None
+            if region is not None:
+                region.close()
         self.rest_loaded.set()
         if self.is_head:
             self.events.put(("rest_loaded",))
@@ -449,19 +489,39 @@ class Worker:
                     pass
                 s.close()
 
-    def stop(self) -> None:
-        """Leave everything: sockets closed, regions released; the process then exits."""
+    def hand_over(self, timeout: float = 5.0) -> None:
+        """A planned stop: end every open stream with a handover item (the control plane
+        resumes each one elsewhere from its tokens so far) before anything closes. Blocks until
+        the engine thread did it, at most ``timeout`` seconds (one step at most, normally)."""
+        if self.stopping.is_set() or self.engine_thread is None \
+                or not self.engine_thread.is_alive():
+            return
+        done = threading.Event()
+        self.events.put(("handover", done))
+        done.wait(timeout)
+
+    def stop(self, handover: bool = True) -> None:
+        """Leave everything: open streams handed over (see hand_over), sockets closed, regions
+        released; the process then exits."""
         if self.stopping.is_set():
             return
+        if handover:
+            self.hand_over()
         self.stopping.set()
         if self.state is not WorkerState.FAILED:
             self.state = WorkerState.STOPPED
         self._close_ring()
         self.listener.close()
-        for region in (self.region, self.rest_region):
-            if region is not None:
+        # a region still being read belongs to its reading thread, which closes it when its
+        # read stops (closing it here made that read fail on a vanished mapping)
+        for region, reader in ((self.region, self.loader_thread),
+                               (self.rest_region, self.rest_thread)):
+            if region is None:
+                continue
+            if reader is not None and reader.is_alive():
+                region.cancel()
+            else:
                 region.close()
-        self.region = self.rest_region = None
         self.exit_requested.set()
 
     def describe(self) -> dict:
@@ -476,7 +536,8 @@ class Worker:
             "active_layers": [r.active.layer_start, r.active.layer_end] if r else None,
             "held_layers": [r.spec.layer_start, r.spec.layer_end] if r else None,
             "running": len(s.running) if s else 0, "waiting": len(s.waiting) if s else 0,
-            "in_flight_batches": len(self.in_flight),
+            "in_flight_batches": len(self.in_flight), "steps": self.steps,
+            "aborted": self.aborted,
             "kv_blocks": self.cfg.engine.num_kv_blocks,
             "kv_blocks_free": s.allocator.num_free if s else None,
             "timeline": self.timeline.as_dict(),

@@ -195,7 +195,8 @@ def run(args: argparse.Namespace, start: float | None = None) -> int:
     timeline.mark("http_ready")
     try:
         run_until(app, args.host, args.port, f"hydraserve worker {wid}", worker.exit_requested,
-                  extra=f" stage_port={worker.stage_port}", token=token)
+                  extra=f" stage_port={worker.stage_port}", token=token,
+                  cancel_on_disconnect=True)
     finally:
         worker.stop()
     logging.getLogger("hydraserve.worker").info("worker %s: exited", wid)

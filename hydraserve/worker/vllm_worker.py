@@ -213,8 +213,11 @@ class VLLMWorker:
 
 def completion_body(model: str, body: dict) -> dict:
     """Our /generate body -> vLLM's /v1/completions body (token ids in and out)."""
-    out = {"model": model, "prompt": [int(t) for t in body["prompt_ids"]], "stream": True,
-           "return_token_ids": True, "max_tokens": int(body.get("max_tokens") or 16),
+    # a resumed stream (see worker/api.py): its tokens so far extend the prompt
+    done = [int(t) for t in body.get("output_ids") or ()]
+    out = {"model": model, "prompt": [int(t) for t in body["prompt_ids"]] + done, "stream": True,
+           "return_token_ids": True,
+           "max_tokens": int(body.get("max_tokens") or 16) - len(done),
            "temperature": float(body.get("temperature") or 0.0)}
     for k in ("top_p", "top_k", "seed", "ignore_eos"):
         if body.get(k) is not None:
@@ -342,7 +345,7 @@ def run(args: argparse.Namespace, start: float) -> int:
     try:
         run_until(app, args.host, args.port, f"hydraserve worker {wid} (vllm)",
                   worker.exit_requested, extra=" stage_port=0",
-                  token=getattr(args, "cluster_token", None))
+                  token=getattr(args, "cluster_token", None), cancel_on_disconnect=True)
     finally:
         worker.stop()
     log.info("worker %s: exited", wid)
