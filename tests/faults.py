@@ -28,6 +28,7 @@ class Outcome:
     detail: str = ""
     tokens: int = 0
     ended: float = 0.0  # time.monotonic() of the final event
+    text: str = ""  # what came back (a stream's chunks joined)
 
 
 @dataclass
@@ -69,7 +70,7 @@ def ask(url: str, body: dict, timeout: float = 60.0,
                 return Outcome("lost", f"status {resp.status}, not JSON: {payload[:80]!r}")
             if resp.status == 200 and out.get("choices"):
                 return Outcome("answered", tokens=out["usage"]["completion_tokens"],
-                               ended=time.monotonic())
+                               ended=time.monotonic(), text=out["choices"][0]["text"])
             if resp.status >= 400 and isinstance(out.get("error"), dict) \
                     and out["error"].get("message"):
                 return Outcome("error", f"{resp.status} {out['error']['message']}",
@@ -79,7 +80,7 @@ def ask(url: str, body: dict, timeout: float = 60.0,
             out = json.loads(resp.read() or b"{}")
             kind = "error" if isinstance(out.get("error"), dict) else "lost"
             return Outcome(kind, f"{resp.status} {out}", ended=time.monotonic())
-        tokens, finished = 0, False
+        tokens, finished, text = 0, False, ""
         for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data: "):
@@ -87,7 +88,7 @@ def ask(url: str, body: dict, timeout: float = 60.0,
             data = line[6:]
             if data == "[DONE]":
                 if finished:
-                    return Outcome("answered", tokens=tokens, ended=time.monotonic())
+                    return Outcome("answered", tokens=tokens, ended=time.monotonic(), text=text)
                 return Outcome("lost", "[DONE] without a finish reason")
             event = json.loads(data)
             if "error" in event:
@@ -96,6 +97,7 @@ def ask(url: str, body: dict, timeout: float = 60.0,
             choice = event["choices"][0] if event.get("choices") else {}
             if choice.get("text"):
                 tokens += 1
+                text += choice["text"]
                 if on_token is not None and tokens >= token_mark:
                     on_token.set()
             if choice.get("finish_reason"):

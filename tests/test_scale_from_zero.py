@@ -1,6 +1,6 @@
 """What a client meets while a model scales from zero, end to end on a real `hydraserve serve`:
-SSE comment heartbeats on a stream that waits for a cold start, and a full queue's 429 with
-Retry-After."""
+SSE comment heartbeats on a stream that waits for a cold start, and admission by free slots
+and queue room, with a 429 and Retry-After beyond them."""
 from __future__ import annotations
 
 import http.client
@@ -18,7 +18,9 @@ pytestmark = pytest.mark.multiprocess
 def gateway(tmp_path_factory, model_dirs):
     tmp = tmp_path_factory.mktemp("sfz")
     cluster = {"device": "cpu", "scale": {"size_scale": 100, "after_fetch_ms": 2000},
-               "servers": [{"name": f"s{i}", "gpus": [24], "nic_gbps": 16} for i in range(2)]}
+               # one server whose GPU holds one instance (a claim of ceil(S + 5) = 6 GB): the
+               # cluster's capacity is one instance's 8 slots
+               "servers": [{"name": "s0", "gpus": [8], "nic_gbps": 16}]}
     models = {"models": [{"name": "m", "path": model_dirs["llama"], "ttft_slo_s": 30}]}
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     (tmp / "models.yaml").write_text(yaml.safe_dump(models))
@@ -43,7 +45,10 @@ def test_heartbeats_while_cold_and_429_with_retry_after_when_full(gateway):
     # the model is cold: the worker takes seconds to start, so comments come before any data
     first = stream.readline().decode()
     assert first == ": heartbeat\n"
-    # the cold request holds the queue's only place: the next one is refused, with Retry-After
+    # admission counts the starting instance's free slots (8) beyond the queue's one place:
+    # eight more are admitted while it starts, the next one is refused, with Retry-After
+    more = [_post(gateway.port, body) for _ in range(8)]
+    assert [r.status for r in more] == [200] * 8
     refused = _post(gateway.port, {**body, "stream": False})
     assert refused.status == 429
     assert refused.getheader("Retry-After") == "7"
@@ -58,6 +63,12 @@ def test_heartbeats_while_cold_and_429_with_retry_after_when_full(gateway):
             data.append(line[6:])
     assert beats >= 2
     assert data[-1] == "[DONE]"
+    for r in more:
+        assert r.read().decode().rstrip().endswith("data: [DONE]")
+    metrics = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    metrics.request("GET", "/metrics")
+    text = metrics.getresponse().read().decode()
+    assert 'hydraserve_refused_requests_total{model="m"} 1.0' in text
     chunks = [json.loads(d) for d in data[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     # warm now: the same request is admitted and answered
