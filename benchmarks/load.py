@@ -1,6 +1,7 @@
 """Load benchmark: many short requests over several cold models through one `hydraserve serve`.
 
     python benchmarks/load.py [--requests 1000] [--concurrency 32] [--models 4] [--seed 0] [--json]
+    python benchmarks/load.py --steady [...]   (a warm model beside vLLM: benchmarks/steady.py)
 
 Starts a real `hydraserve serve` (4 emulated servers with one 24 GB GPU and a 16 Gbps NIC each,
 in the paper's units scaled by 1/100) serving `--models` small Llama models made with
@@ -117,6 +118,11 @@ def warm_overhead(url: str, model: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--steady" in argv:  # the warm model's steady state, beside vLLM: see steady.py
+        from benchmarks.steady import main as steady
+
+        return steady([a for a in argv if a != "--steady"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)

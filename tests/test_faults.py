@@ -18,6 +18,7 @@ import yaml
 
 from hydraserve.make_model import ModelSpec, make_model
 from hydraserve.store.launch import ServerProcess
+from hydraserve.control.instance import InstanceState
 from tests.faults import TABLE, Counts, Outcome, Rig, ask, ask_many, kill
 
 pytestmark = [pytest.mark.faults, pytest.mark.multiprocess]
@@ -118,6 +119,23 @@ def _warm_instance(rig: Rig, mode: str):
     return inst, counts
 
 
+def _identical_through(rig: Rig, n: int, fault) -> list[Outcome]:
+    """Send n seeded sampling streams once undisturbed, then again with ``fault()`` called
+    once they flow: every stream of the second round must be answered with the same text (no
+    token lost or doubled). Returns both rounds' outcomes."""
+    reference = ask_many(rig.url, [_seeded(i) for i in range(n)], BOUND)
+    assert [r.kind for r in reference] == ["answered"] * n, reference
+    flowing = threading.Event()
+    threads, out = _in_background(rig.url, [_seeded(i) for i in range(n)], on_token=flowing,
+                                  token_mark=3)
+    assert flowing.wait(BOUND)
+    fault()
+    results = _join(threads, out)
+    assert [r.kind for r in results] == ["answered"] * n, results
+    assert [r.text for r in results] == [r.text for r in reference]
+    return reference + results
+
+
 RIGS = {  # mode -> the rig that gives it (see each comment)
     "p1": dict(static_p=1),  # static(1): one standalone worker
     "p2": dict(sizes={"m": 20.0}, static_p=2),  # static(2), no consolidation
@@ -131,18 +149,9 @@ def test_stage_killed_mid_stream_streams_continue_identically(rig_factory, big_m
     rig = rig_factory(models={"m": big_model}, **RIGS[mode])
     inst, counts = _warm_instance(rig, mode)
     assert len(inst.stages) == (2 if mode == "p2" else 1)
-    reference = ask_many(rig.url, [_seeded(i) for i in range(3)], BOUND)
-    assert [r.kind for r in reference] == ["answered"] * 3, reference
-    flowing = threading.Event()
-    threads, out = _in_background(rig.url, [_seeded(i) for i in range(3)], on_token=flowing,
-                                  token_mark=3)
-    assert flowing.wait(BOUND)
     victim = inst.stages[-1]  # p2: the last stage; otherwise the only one
-    kill(rig.cluster.worker_pid(victim.worker_id))
-    results = _join(threads, out)
-    counts.add(reference + results)
-    assert [r.kind for r in results] == ["answered"] * 3, results
-    assert [r.text for r in results] == [r.text for r in reference]  # no token lost or doubled
+    counts.add(_identical_through(
+        rig, 3, lambda: kill(rig.cluster.worker_pid(victim.worker_id))))
     assert rig.controller.endpoints["m"].resumed >= 1
     after = ask_many(rig.url, [_body(8), _body(8, stream=False)], BOUND)
     counts.add(after)
@@ -156,19 +165,13 @@ def test_server_lost_with_its_agent_and_workers(rig_factory, big_model):
     continue, identical, on an instance elsewhere (the local backend restarts the agent)."""
     rig = rig_factory(models={"m": big_model}, static_p=1)
     inst, counts = _warm_instance(rig, "p1")
-    reference = ask_many(rig.url, [_seeded(i) for i in range(2)], BOUND)
-    flowing = threading.Event()
-    threads, out = _in_background(rig.url, [_seeded(i) for i in range(2)], on_token=flowing,
-                                  token_mark=3)
-    assert flowing.wait(BOUND)
-    node = inst.stages[0].node
-    agent = rig.cluster._agents[node]
-    kill(rig.cluster.worker_pid(inst.stages[0].worker_id))
-    kill(agent.proc.pid)
-    results = _join(threads, out)
-    counts.add(reference + results)
-    assert [r.kind for r in results] == ["answered"] * 2, results
-    assert [r.text for r in results] == [r.text for r in reference]
+    agent = rig.cluster._agents[inst.stages[0].node]
+
+    def lose_the_server() -> None:
+        kill(rig.cluster.worker_pid(inst.stages[0].worker_id))
+        kill(agent.proc.pid)
+
+    counts.add(_identical_through(rig, 2, lose_the_server))
     rig.note_agents()
     _record("g. a server's agent and worker SIGKILLed mid-stream", counts,
             "streams resume elsewhere; the agent is restarted")
@@ -180,17 +183,8 @@ def test_sigterm_to_a_worker_hands_its_streams_over(rig_factory, big_model):
     on a new instance."""
     rig = rig_factory(models={"m": big_model}, static_p=1)
     inst, counts = _warm_instance(rig, "p1")
-    reference = ask_many(rig.url, [_seeded(i) for i in range(2)], BOUND)
-    flowing = threading.Event()
-    threads, out = _in_background(rig.url, [_seeded(i) for i in range(2)], on_token=flowing,
-                                  token_mark=3)
-    assert flowing.wait(BOUND)
     worker = rig.cluster._workers[inst.stages[0].worker_id]
-    kill(worker.proc.pid, signal.SIGTERM)
-    results = _join(threads, out)
-    counts.add(reference + results)
-    assert [r.kind for r in results] == ["answered"] * 2, results
-    assert [r.text for r in results] == [r.text for r in reference]
+    counts.add(_identical_through(rig, 2, lambda: kill(worker.proc.pid, signal.SIGTERM)))
     assert worker.proc.wait(30) == 0  # it left in order
     log = worker.log_path.read_text()
     assert "handed 2 stream(s) over" in log, log[-2000:]
@@ -270,6 +264,29 @@ def test_failed_consolidation_loses_no_request(rig_factory, big_model):
     assert [r.kind for r in after] == ["answered"] * 3, after
     _record("e. part-card stage SIGKILLed during consolidation", counts,
             "its streams resume on a new instance from the tokens already sent")
+
+
+# -- i. an instance stopped in the middle of its consolidation ----------------------------------
+def test_a_stop_during_consolidation_ends_cleanly(rig_factory, big_model):
+    """The control plane stops a consolidating instance (as scale-down or a model removal
+    would): the workers hand their streams over and leave without a traceback (the region the
+    consolidation reads is closed by its own thread, not pulled from under it), and the streams
+    finish on a new instance."""
+    rig = rig_factory(models={"m": big_model}, servers=4, ttft_slo_s=2.5)
+    threads, out = _in_background(rig.url, [_seeded(i, 600) for i in range(2)])
+    inst = rig.wait_for(lambda: rig.instances("m") and rig.instances("m")[0])
+    assert inst.placement.consolidate
+    rig.wait_for(lambda: "consolidation_started" in inst.timeline, every=0.002)
+    rig.call(rig.controller._stop_instance(inst, InstanceState.STOPPED))
+    counts = Counts()
+    results = _join(threads, out)
+    counts.add(results)
+    assert [r.kind for r in results] == ["answered"] * 2, results
+    logs = {p.name: p.read_text() for s in inst.stages
+            for p in [rig.tmp / "logs" / f"worker-{s.worker_id}.log"]}
+    assert all("Traceback" not in text for text in logs.values()), logs
+    _record("i. instance stopped during its consolidation", counts,
+            "the reading thread closes its region; streams handed over and resumed")
 
 
 # -- f. the gateway stopped while streams are open ---------------------------------------------

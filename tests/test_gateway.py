@@ -181,3 +181,44 @@ def test_killed_worker_mid_stream_the_stream_continues_identically(client, gatew
     out = client.completions.create(model="m0", prompt="a", max_tokens=4,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
+
+
+def test_a_client_that_drops_its_stream_is_aborted_on_the_worker(client, gateway):
+    """A client closes its stream after 3 chunks: the gateway cancels it, the worker aborts the
+    sequence at its next step (running 0, every KV block free) well before max_tokens, and the
+    cancellation is counted."""
+    import http.client
+
+    def cancelled() -> float:
+        text = urllib.request.urlopen(gateway.url + "/metrics").read().decode()
+        line = next((ln for ln in text.splitlines()
+                     if ln.startswith('hydraserve_cancelled_requests_total{model="m0"}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = cancelled()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({
+        "model": "m0", "prompt": "a", "max_tokens": 1000, "stream": True, "ignore_eos": True}),
+        headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    chunks = 0
+    while chunks < 3:
+        if resp.readline().startswith(b"data: "):
+            chunks += 1
+    inst = next(i for i in _admin(gateway, "/admin/instances")["instances"]
+                if i["model"] == "m0" and i["active"])
+    head = inst["stages"][0]["url"]
+    with urllib.request.urlopen(head + "/health") as r:
+        steps_before = json.loads(r.read())["steps"]
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 5
+    while True:
+        with urllib.request.urlopen(head + "/health") as r:
+            h = json.loads(r.read())
+        if h["running"] == 0 and h["kv_blocks_free"] == h["kv_blocks"]:
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.02)
+    assert h["steps"] - steps_before < 500  # aborted, not run to max_tokens
+    assert cancelled() == before + 1

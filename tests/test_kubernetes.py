@@ -10,6 +10,7 @@ are in test_kubernetes_real.py (opt-in). Never does CI talk to a real API server
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import time
 import urllib.error
@@ -326,6 +327,39 @@ def test_the_role_allows_exactly_what_the_backend_calls(kube_gateway):
     assert used <= granted, used - granted
     assert used <= kube.VERBS, used - kube.VERBS  # VERBS lists every call the backend makes
     assert granted == kube.VERBS | {("nodes", "get"), ("nodes", "patch")}
+
+
+@pytest.mark.multiprocess
+def test_a_worker_pod_killed_mid_stream_the_stream_continues(kube_gateway):
+    """The failover on the Kubernetes backend: the container of the pod serving a seeded stream
+    dies (SIGKILL, as a crash or an OOM kill); the stream continues on a new pod from the
+    tokens already sent, and its text is that of an uninterrupted run."""
+    server, fake = kube_gateway
+    body = {"model": "small", "prompt": "x y", "max_tokens": 200, "temperature": 0.9,
+            "seed": 3, "ignore_eos": True}
+    reference = _post(server.url + "/v1/completions", body)["choices"][0]["text"]
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    text, chunks, killed = "", 0, None
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        assert "error" not in event, event
+        text += event["choices"][0]["text"]
+        chunks += 1
+        if chunks == 3:
+            pod = next(p for p in _worker_pods(fake)
+                       if p["metadata"]["labels"][kube.MODEL] == "small")
+            killed = pod["metadata"]["name"]
+            fake.kill_pod_process(pod["metadata"]["namespace"], killed)
+    conn.close()
+    assert killed and text == reference
+    assert killed not in {p["metadata"]["name"] for p in _worker_pods(fake)}
 
 
 def test_label_nodes_then_the_backend_reads_the_servers(tmp_path):

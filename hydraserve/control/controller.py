@@ -476,6 +476,15 @@ class Controller:
         inst.mark("consolidation_started")
         inst.consolidating = True  # keep-alive leaves it alone until this ends either way
         try:
+            await self._merge(ep, inst, all_card, booked)
+        finally:
+            inst.consolidating = False
+
+    async def _merge(self, ep: Endpoint, inst: Instance, all_card: list[Stage],
+                     booked: list[Stage]) -> None:
+        """Consolidation proper: the all-card stages take the whole model (their rest fetches
+        booked in ``booked``), then the part-card stages go."""
+        try:
             await asyncio.gather(*(s.client.consolidate() for s in all_card))
             for s in all_card:
                 while inst.state is InstanceState.READY:
@@ -494,7 +503,6 @@ class Controller:
                          inst.state.value)
             return
         finally:
-            inst.consolidating = False
             for b in booked:
                 self._release_fetch(b)
         if inst.state is not InstanceState.READY:  # stopped (or lost) while it consolidated
