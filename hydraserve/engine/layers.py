@@ -166,9 +166,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = None if decode_only else torch.empty_like(q)
     if meta.decode_rows is not None:
         qd = (q if decode_only else q[meta.decode_rows]).unsqueeze(2)  # [B, H, 1, D]
+        # index_select copies whole blocks (block_size rows at once): ~5x faster on CPU than
+        # advanced indexing, which was half of a decode step at batch 16
         paged = (-1, meta.block_size) + k_cache.shape[1:]
-        kd = k_cache.view(paged)[meta.decode_blocks].flatten(1, 2).transpose(1, 2)  # [B, KV, L, D]
-        vd = v_cache.view(paged)[meta.decode_blocks].flatten(1, 2).transpose(1, 2)
+        blocks = meta.decode_blocks.flatten()
+        gathered = (meta.decode_blocks.shape[0], -1) + k_cache.shape[1:]
+        kd = k_cache.view(paged).index_select(0, blocks).view(gathered).transpose(1, 2)
+        vd = v_cache.view(paged).index_select(0, blocks).view(gathered).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa)
         if decode_only:
             return o.squeeze(2)
@@ -178,7 +182,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if s.fresh:
             ks, vs = k[s.start:s.end], v[s.start:s.end]
         else:
-            ks, vs = k_cache[s.ctx_slots], v_cache[s.ctx_slots]
+            ks, vs = k_cache.index_select(0, s.ctx_slots), v_cache.index_select(0, s.ctx_slots)
         o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1), vs.transpose(0, 1),
                                            attn_mask=s.mask, is_causal=s.mask is None,
                                            enable_gqa=gqa)
