@@ -12,7 +12,8 @@
                       produced on a lost worker: generation continues after them. Closing the
                       connection aborts the request at the engine's next step
   POST /consolidate   all-card stages: fetch the rest of the model and take it over
-  POST /stop          leave the ring, release the regions, exit
+  POST /stop          hand the open streams over (a handover item each), leave the ring,
+                      release the regions, exit; SIGTERM does the same
 """
 from __future__ import annotations
 
