@@ -165,7 +165,8 @@ def test_server_lost_with_its_agent_and_workers(rig_factory, big_model):
     continue, identical, on an instance elsewhere (the local backend restarts the agent)."""
     rig = rig_factory(models={"m": big_model}, static_p=1)
     inst, counts = _warm_instance(rig, "p1")
-    agent = rig.cluster._agents[inst.stages[0].node]
+    node = inst.stages[0].node
+    agent = rig.cluster._agents[node]
 
     def lose_the_server() -> None:
         kill(rig.cluster.worker_pid(inst.stages[0].worker_id))
@@ -173,6 +174,8 @@ def test_server_lost_with_its_agent_and_workers(rig_factory, big_model):
 
     counts.add(_identical_through(rig, 2, lose_the_server))
     rig.note_agents()
+    assert rig.cluster._agents[node].proc.pid != agent.proc.pid
+    assert rig.cluster._agents[node].url == agent.url  # restarted where it was
     _record("g. a server's agent and worker SIGKILLed mid-stream", counts,
             "streams resume elsewhere; the agent is restarted")
 

@@ -498,10 +498,7 @@ class Controller:
             if inst.state is InstanceState.READY:
                 log.warning("instance %s: consolidation failed (%s); it stays a pipeline",
                             inst.id, e)
-            else:
-                log.info("instance %s: consolidation ended: the instance is %s", inst.id,
-                         inst.state.value)
-            return
+                return
         finally:
             for b in booked:
                 self._release_fetch(b)
