@@ -73,3 +73,7 @@ def run_until(app: web.Application, host: str, port: int, what: str,
             exit_requested.set()
 
     asyncio.run(main())
+    # the server is down and the caller is on its way out: closing the loop put SIGTERM back to
+    # its default, and a second one (a backend stopping a worker that already stopped on the
+    # first) would kill the process in the middle of its clean exit
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
