@@ -26,10 +26,10 @@ from pathlib import Path
 
 from hydraserve.cluster.base import WorkerSpec, worker_args
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
+from hydraserve.protocol import RUNTIME_READY
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.agent import SHM_PREFIX
 from hydraserve.store.launch import ServerProcess
-from hydraserve.worker.main import RUNTIME_READY
 
 log = logging.getLogger("hydraserve.cluster")
 

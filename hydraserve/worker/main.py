@@ -82,7 +82,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                         "never slows a cold start in progress; back to normal before waiting")
 
 
-RUNTIME_READY = "runtime ready"
+from hydraserve.protocol import RUNTIME_READY  # noqa: E402
 
 
 def run_runtime(args: argparse.Namespace) -> int:

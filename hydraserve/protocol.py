@@ -1,0 +1,267 @@
+"""The messages between the control plane and its workers, typed (standard library only).
+
+Every worker implementation (ours, the vLLM worker, the simulator's) builds these and every
+reader (the controller, the experiment scripts, the tests) parses them, so a field added here
+is added everywhere at once. On the wire each is a JSON object; those a worker sends carry
+``"protocol": PROTOCOL_VERSION`` and a reader refuses a version it does not know.
+
+  WorkerSpec      control plane -> backend -> worker: what one worker is (its command line)
+  Peer            control plane -> worker (POST /init): one stage of the ring
+  WorkerHealth    worker -> control plane (GET /health, long-polled with ?wait=EVENT)
+  GenerateRequest control plane -> head worker (POST /generate)
+  TokenEvent      head worker -> control plane: one token of the stream (ndjson)
+  ErrorEvent      head worker -> control plane: the stream ends without its last token
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+PROTOCOL_VERSION = 1
+RUNTIME_READY = "runtime ready"  # a warm runtime's first line on stdout once it can be adopted
+HANDOVER = "the worker is stopping; the stream continues elsewhere"
+
+
+class ProtocolError(ValueError):
+    """A message is malformed or of a protocol version this side does not speak."""
+
+
+def _check_version(d: dict, what: str) -> None:
+    version = d.get("protocol", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} speaks protocol {version}; this side speaks "
+                            f"{PROTOCOL_VERSION}")
+
+
+def _known(cls, d: dict, what: str) -> dict:
+    """The fields of ``cls`` found in ``d``, checked for the required ones."""
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what} must be a JSON object, not {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.default is MISSING
+               and f.default_factory is MISSING and f.name not in d]
+    if missing:
+        raise ProtocolError(f"{what} lacks {', '.join(missing)}")
+    return {k: v for k, v in d.items() if k in names}
+
+
+class Phase(str, enum.Enum):
+    """Where a worker is in its life."""
+
+    LOADING = "loading"  # started: fetching and loading its weights, starting its engine
+    READY = "ready"  # serves (a pipeline stage: once its ring is joined)
+    FAILED = "failed"  # gave up; ``error`` says why
+    STOPPED = "stopped"  # left in order
+
+
+# start-up and life-cycle events of a worker's timeline, in the order a cold start has them
+EVENTS = ("spawned", "attached", "imports_done", "http_ready", "connected", "weights_ready",
+          "engine_ready", "first_token", "consolidation_started", "rest_loaded", "consolidated")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a backend needs to start one ``hydraserve worker``."""
+
+    worker_id: str
+    model: str
+    node: str
+    rank: int
+    p: int
+    layers: tuple[int, int]
+    all_card: bool
+    num_kv_blocks: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int = 3072
+    block_size: int = 16
+    max_num_seqs: int = 64
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    late_attach: bool = False  # baseline: fetch only once the worker is up
+    streaming_load: bool = True  # baseline off: wait for every byte, then load
+    gpu_memory_gb: float | None = None  # the claim, in real GB (enforced on CUDA)
+    engine: str = "hydraserve"  # or "vllm": the genuine vLLM server (p = 1)
+    vllm_python: str | None = None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers), "protocol": PROTOCOL_VERSION}
+
+    @classmethod
+    def from_json(cls, d: dict) -> WorkerSpec:
+        _check_version(d, "a worker spec")
+        kw = _known(cls, d, "a worker spec")
+        try:
+            kw["layers"] = (int(kw["layers"][0]), int(kw["layers"][1]))
+        except (TypeError, ValueError, IndexError) as e:
+            raise ProtocolError(f"a worker spec's layers must be [start, end]: {e}") from None
+        return cls(**kw)
+
+
+def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
+    """The ``hydraserve worker`` command line for ``spec`` (every backend starts the same)."""
+    args = ["worker", "--model", spec.model, "--rank", str(spec.rank), "--pipeline", str(spec.p),
+            "--layers", "%d:%d" % spec.layers, "--agent", agent_url, "--worker-id",
+            spec.worker_id, "--num-kv-blocks", str(spec.num_kv_blocks), "--device", spec.device,
+            "--dtype", spec.dtype, "--block-size", str(spec.block_size), "--max-num-seqs",
+            str(spec.max_num_seqs), "--max-model-len", str(spec.max_model_len)]
+    if spec.all_card:
+        args.append("--all-card")
+    if spec.late_attach:
+        args.append("--late-attach")
+    if not spec.streaming_load:
+        args.append("--no-streaming-load")
+    if spec.gpu_memory_gb:
+        args += ["--gpu-memory-gb", str(spec.gpu_memory_gb)]
+    if spec.threads:
+        args += ["--threads", str(spec.threads)]
+    if spec.engine != "hydraserve":
+        args += ["--engine", spec.engine]
+        if spec.vllm_python:
+            args += ["--vllm-python", spec.vllm_python]
+    return args
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One stage of a pipeline's ring, as every stage is told at /init."""
+
+    rank: int
+    host: str
+    stage_port: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Peer:
+        kw = _known(cls, d, "a peer")
+        try:
+            return cls(int(kw["rank"]), str(kw["host"]), int(kw["stage_port"]))
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"a peer's rank and stage_port must be integers: {e}") from None
+
+
+@dataclass
+class WorkerHealth:
+    """What a worker reports about itself. ``timeline``: wall-clock stamps of `EVENTS`;
+    the load fields are those of an engine that runs sequences (the head or a standalone
+    worker); ``extra``: what one implementation adds (its pid, the vLLM server's URL, ...)."""
+
+    phase: Phase
+    worker_id: str = ""
+    error: str | None = None
+    stage_port: int = 0
+    standalone: bool = False
+    timeline: dict[str, float] = field(default_factory=dict)
+    running: int = 0  # sequences in the engine
+    waiting: int = 0
+    steps: int = 0  # engine steps launched
+    aborted: int = 0  # sequences aborted (their client went away)
+    kv_blocks: int | None = None
+    kv_blocks_free: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def has(self, event: str) -> bool:
+        return event in self.timeline
+
+    @property
+    def ended(self) -> bool:
+        """Whether it will never serve (again)."""
+        return self.phase in (Phase.FAILED, Phase.STOPPED)
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.extra.items()}
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out["phase"] = self.phase.value
+        out["timeline"] = dict(self.timeline)
+        out["protocol"] = PROTOCOL_VERSION
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> WorkerHealth:
+        _check_version(d, "a worker's health")
+        kw = _known(cls, d, "a worker's health")
+        try:
+            kw["phase"] = Phase(kw["phase"])
+        except ValueError:
+            raise ProtocolError(f"unknown worker phase {kw['phase']!r}") from None
+        names = {f.name for f in fields(cls)}
+        kw["extra"] = {k: v for k, v in d.items() if k not in names and k != "protocol"}
+        return cls(**kw)
+
+
+@dataclass
+class GenerateRequest:
+    """One sequence for a head worker. ``output_ids``: tokens the request already produced on
+    a lost worker; generation continues after them (a resumed stream). ``params``: the
+    sampling parameters (max_tokens, temperature, top_p, top_k, seed, ignore_eos,
+    stop_token_ids), as the worker's engine takes them."""
+
+    prompt_ids: list[int]
+    params: dict[str, Any] = field(default_factory=dict)
+    output_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {**self.params, "prompt_ids": list(self.prompt_ids)}
+        if self.output_ids:
+            out["output_ids"] = list(self.output_ids)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> GenerateRequest:
+        if not isinstance(d, dict):
+            raise ProtocolError("a generate request must be a JSON object")
+        try:
+            prompt = [int(t) for t in d["prompt_ids"]]
+            output = [int(t) for t in d.get("output_ids") or ()]
+        except KeyError:
+            raise ProtocolError("a generate request lacks prompt_ids") from None
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"token ids must be integers: {e}") from None
+        params = {k: v for k, v in d.items() if k not in ("prompt_ids", "output_ids", "protocol")}
+        return cls(prompt, params, output)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One token of a stream; ``finish_reason`` ("stop", "length") on the last one. An engine
+    may end a stream with no token (``token_id`` None) and a finish reason."""
+
+    token_id: int | None
+    finish_reason: str | None = None
+
+    def to_json(self) -> dict:
+        return {"token_id": self.token_id, "finish_reason": self.finish_reason}
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The stream ends without its last token. ``status`` 400: the request itself is at fault
+    (the worker is fine); ``handover``: the worker is leaving in order and the stream should
+    continue elsewhere from the tokens it has; otherwise the worker failed."""
+
+    error: str
+    status: int | None = None
+    handover: bool = False
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"error": self.error}
+        if self.status is not None:
+            out["status"] = self.status
+        if self.handover:
+            out["handover"] = True
+        return out
+
+
+def parse_event(d: dict) -> TokenEvent | ErrorEvent:
+    """One item of a /generate stream."""
+    if not isinstance(d, dict):
+        raise ProtocolError("a stream item must be a JSON object")
+    if "error" in d:
+        return ErrorEvent(str(d["error"]), d.get("status"), bool(d.get("handover")))
+    tid = d.get("token_id")
+    try:
+        return TokenEvent(None if tid is None else int(tid), d.get("finish_reason"))
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"a token item's token_id must be an integer: {e}") from None
