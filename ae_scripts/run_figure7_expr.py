@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from hydraserve.config import cluster_to_dict  # noqa: E402
 from hydraserve.httpjson import call  # noqa: E402
+from hydraserve.protocol import ProtocolError, WorkerHealth  # noqa: E402
 from hydraserve.store.launch import ServerProcess  # noqa: E402
 from hydraserve.testbeds import (MODEL_SETS, PAPER_MODELS, testbed,  # noqa: E402
                                  with_host_caches)
@@ -124,9 +126,9 @@ def one_trial(url: str, model: str, evict: bool = False, warm: int = 0) -> dict:
             if len(stamps) == 1:
                 try:
                     head = _instances(url, model)[0]["stages"][0]["url"]
-                    health = call(head, "GET", "/health")
-                    timeline, vllm_load = health["timeline"], health.get("vllm_load_s")
-                except (IndexError, KeyError, RuntimeError):
+                    health = WorkerHealth.from_json(call(head, "GET", "/health"))
+                    timeline, vllm_load = health.timeline, health.extra.get("vllm_load_s")
+                except (IndexError, KeyError, RuntimeError, ProtocolError):
                     timeline = {}
     t = {k: v - sent for k, v in timeline.items()}
     ttft = stamps[0] - sent
@@ -304,7 +306,8 @@ def main() -> None:
     if "vllm" in exec_types and not args.url and not args.write_configs:
         from hydraserve.worker.vllm_worker import find_vllm_python
 
-        vllm_python = find_vllm_python(args.vllm_python)
+        vllm_python = find_vllm_python(
+            args.vllm_python or os.environ.get("HYDRASERVE_VLLM_PYTHON"))
         if vllm_python is None:
             print("no Python with vLLM found: skipping the `vllm` rows (see the README to "
                   "install the vLLM peer, or give --vllm-python)", file=sys.stderr)

@@ -6,6 +6,7 @@ is added everywhere at once. On the wire each is a JSON object; those a worker s
 ``"protocol": PROTOCOL_VERSION`` and a reader refuses a version it does not know.
 
   WorkerSpec      control plane -> backend -> worker: what one worker is (its command line)
+  RuntimeAssignment backend -> warm runtime (one line of its stdin): become this worker
   Peer            control plane -> worker (POST /init): one stage of the ring
   WorkerHealth    worker -> control plane (GET /health, long-polled with ?wait=EVENT)
   GenerateRequest control plane -> head worker (POST /generate)
@@ -28,6 +29,8 @@ class ProtocolError(ValueError):
 
 
 def _check_version(d: dict, what: str) -> None:
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what} must be a JSON object, not {type(d).__name__}")
     version = d.get("protocol", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"{what} speaks protocol {version}; this side speaks "
@@ -120,6 +123,25 @@ def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
         if spec.vllm_python:
             args += ["--vllm-python", spec.vllm_python]
     return args
+
+
+@dataclass(frozen=True)
+class RuntimeAssignment:
+    """What a pre-started runtime (``hydraserve runtime``) is told to become: the worker of
+    ``spec``, fed by the storage agent at ``agent``. Sent as one JSON line on its stdin."""
+
+    spec: WorkerSpec
+    agent: str
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec.to_json(), "agent": self.agent}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RuntimeAssignment:
+        kw = _known(cls, d, "a runtime assignment")
+        if not isinstance(kw["agent"], str):
+            raise ProtocolError("a runtime assignment's agent must be a URL")
+        return cls(WorkerSpec.from_json(kw["spec"]), kw["agent"])
 
 
 @dataclass(frozen=True)

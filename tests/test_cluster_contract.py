@@ -14,13 +14,14 @@ import pytest
 from hydraserve.cluster.base import ClusterBackend, WorkerError, WorkerSpec
 from hydraserve.config import ClusterConfig, ScaleConfig, ServerConfig
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
+from hydraserve.protocol import GenerateRequest, Peer, TokenEvent
 
 pytestmark = pytest.mark.multiprocess
 
 CFG = ClusterConfig(servers=(ServerConfig("n0", (24.0,), 16.0, cache_gb=8.0),
                              ServerConfig("n1", (24.0,), 16.0, cache_gb=8.0)),
                     scale=ScaleConfig(size_scale=100.0))
-BODY = {"prompt_ids": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+BODY = GenerateRequest([5, 6, 7, 8], {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True})
 
 
 def make_local(cfg: ClusterConfig) -> tuple[ClusterBackend, object]:
@@ -117,11 +118,11 @@ def spec(worker_id: str, node: str, rank: int, p: int, layers, all_card: bool,
 
 async def tokens(client, body=BODY) -> list[int]:
     out = []
-    async for item in client.generate(body):
-        assert "error" not in item, item
-        out.append(item["token_id"])
-        if item.get("finish_reason"):
-            assert item["finish_reason"] == "length"
+    async for ev in client.generate(body):
+        assert isinstance(ev, TokenEvent), ev
+        out.append(ev.token_id)
+        if ev.finish_reason:
+            assert ev.finish_reason == "length"
     return out
 
 
@@ -133,8 +134,7 @@ async def start(backend, specs, prefetch: bool = True) -> list:
         await backend.start_worker(s)
     clients = await asyncio.gather(*(backend.wait_worker(s.worker_id, 120) for s in specs))
     healths = await asyncio.gather(*(c.health() for c in clients))
-    peers = [{"rank": s.rank, "host": c.host, "stage_port": h["stage_port"]}
-             for s, c, h in zip(specs, clients, healths)]
+    peers = [Peer(s.rank, c.host, h.stage_port) for s, c, h in zip(specs, clients, healths)]
     await asyncio.gather(*(c.init(peers) for c in clients))
     return clients
 
@@ -162,7 +162,7 @@ def test_a_whole_model_worker_serves_refuses_and_stops(backend, run, model_dirs)
         got = await tokens(client)
         assert len(got) == 6 and got == await tokens(client)  # greedy: the same again
         with pytest.raises(WorkerError) as bad:
-            await tokens(client, {**BODY, "max_tokens": -1})
+            await tokens(client, GenerateRequest(BODY.prompt_ids, {**BODY.params, "max_tokens": -1}))
         assert bad.value.status == 400
         await client.stop()
         await backend.stop_worker("w-full")
@@ -186,12 +186,8 @@ def test_a_pipeline_gives_the_same_tokens_and_consolidates(backend, run, model_d
         head, tail = await start(backend, specs)
         assert await tokens(head) == want
         await head.consolidate()
-        for _ in range(600):
-            if (await head.health()).get("standalone"):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the head never became standalone")
+        h = await head.wait_for("consolidated", 30)  # a long-poll: answered when it happens
+        assert h.has("consolidated") and h.standalone, h
         await backend.stop_worker("w-p1")
         assert await tokens(head) == want  # alone now, same tokens
         await backend.stop_worker("w-p0")

@@ -82,12 +82,8 @@ def test_a_whole_model_then_a_pipeline_that_consolidates(backend, model_dir):
         head, _ = await start(backend, specs)
         assert await tokens(head) == want
         await head.consolidate()
-        for _ in range(1200):
-            if (await head.health()).get("standalone"):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("the head never became standalone")
+        h = await head.wait_for("consolidated", 120)
+        assert h.has("consolidated") and h.standalone, h
         await backend.stop_worker("real-p1")
         assert await tokens(head) == want
         await backend.stop_worker("real-p0")

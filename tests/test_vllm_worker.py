@@ -74,7 +74,7 @@ def test_serve_refuses_vllm_with_a_pipeline_or_without_vllm(tmp_path):
     assert r.returncode == 2 and "no Python with vLLM" in r.stderr
 
 
-VLLM_PY = find_vllm_python()
+VLLM_PY = find_vllm_python(os.environ.get("HYDRASERVE_VLLM_PYTHON"))
 
 
 @pytest.mark.vllm
@@ -109,7 +109,7 @@ def test_a_cold_start_on_the_genuine_vllm_matches_transformers(tmp_path):
             extra_body={"ignore_eos": True}))
         inst = call(server.url, "GET", "/admin/instances")["instances"][0]
         health = call(inst["stages"][0]["url"], "GET", "/health")
-        assert health["engine"] == "vllm" and health["state"] == "ready"
+        assert health["engine"] == "vllm" and health["phase"] == "ready"
         tl = health["timeline"]
         assert tl["attached"] <= tl["weights_ready"] <= tl["vllm_started"] <= tl["engine_ready"]
         vllm_pid = health["vllm_pid"]

@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from hydraserve.cluster.base import WorkerError
+from hydraserve.protocol import (ErrorEvent, GenerateRequest, Peer, ProtocolError, TokenEvent,
+                                 WorkerHealth, parse_event)
+
+LONG_POLL_S = 30.0  # one /health?wait= call at most (a proxy's idle timeout stays far)
 
 
 class HttpApi:
@@ -88,11 +92,23 @@ class HttpWorker:
     def __init__(self, api: HttpApi, url: str, host: str = "127.0.0.1"):
         self.api, self.url, self.host = api, url, host
 
-    async def health(self) -> dict:
-        return await self.api.get(self.url + "/health")
+    async def health(self) -> WorkerHealth:
+        return _health(await self.api.get(self.url + "/health"))
 
-    async def init(self, peers: list[dict]) -> None:
-        await self.api.post(self.url + "/init", {"peers": peers})
+    async def wait_for(self, event: str, timeout: float) -> WorkerHealth:
+        """Long-poll /health until ``event`` is on the worker's timeline, the worker failed or
+        stopped, or ``timeout`` seconds passed; the health it answered last."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = max(0.0, deadline - loop.time())
+            h = _health(await self.api.get(
+                f"{self.url}/health?wait={event}&timeout={min(left, LONG_POLL_S):.3f}"))
+            if h.has(event) or h.ended or h.error or loop.time() >= deadline:
+                return h
+
+    async def init(self, peers: list[Peer]) -> None:
+        await self.api.post(self.url + "/init", {"peers": [p.to_json() for p in peers]})
 
     async def consolidate(self) -> None:
         await self.api.post(self.url + "/consolidate")
@@ -100,14 +116,21 @@ class HttpWorker:
     async def stop(self) -> None:
         await self.api.post(self.url + "/stop")
 
-    async def generate(self, body: dict) -> AsyncIterator[dict]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent | ErrorEvent]:
         try:
-            async with self.api.session.post(self.url + "/generate", json=body) as resp:
+            async with self.api.session.post(self.url + "/generate", json=req.to_json()) as resp:
                 if resp.status != 200:
                     out = await resp.json(content_type=None)
                     raise WorkerError(str(out.get("error", resp.status)), resp.status)
                 async for line in resp.content:
                     if line.strip():
-                        yield json.loads(line)
+                        yield parse_event(json.loads(line))
         except aiohttp.ClientError as e:
             raise WorkerError(f"the stream from {self.url} broke: {e}", 503) from None
+
+
+def _health(body: dict) -> WorkerHealth:
+    try:
+        return WorkerHealth.from_json(body)
+    except ProtocolError as e:
+        raise WorkerError(f"a worker answered an unreadable health: {e}", 502) from None

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 
 from hydraserve.cluster.base import WorkerError, WorkerSpec
+from hydraserve.protocol import (ErrorEvent, GenerateRequest, Peer, Phase, TokenEvent,
+                                 WorkerHealth)
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.sim.costmodel import GPUS, CostModel, GpuSpec, ModelShape, decode_s, prefill_s
 from hydraserve.sim.network import Flow, FluidNetwork
@@ -67,6 +69,15 @@ class SimCluster:
 
     def agent_urls(self) -> dict[str, str]:
         return {}
+
+    def gpu_budgets(self) -> dict[str, list[float]]:
+        return {s.name: list(s.gpus) for s in self.cfg.servers}  # no warm runtimes here
+
+    def warm_pool(self) -> dict[str, dict[str, int]]:
+        return {}
+
+    def model_size_gb(self, name: str) -> float:
+        return self._shape(name).size_gb
 
     def register_model(self, name: str, path: str) -> None:
         if name not in self.shapes:
@@ -189,6 +200,7 @@ class SimWorker:
         self.api_up: asyncio.Future = loop.create_future()
         self.ready: asyncio.Future = loop.create_future()
         self.state, self.error = "starting", None
+        self.changed = asyncio.Event()  # set at each stamp and when it stops (see wait_for)
         self.leaving = False  # stopped in order: open streams are handed over
         self.standalone = spec.p == 1
         self.peers: list[int] = []
@@ -199,6 +211,7 @@ class SimWorker:
 
     def _mark(self, event: str) -> None:
         self.timeline.setdefault(event, round(asyncio.get_running_loop().time() - self.t0, 6))
+        self.changed.set()
 
     async def _boot(self) -> None:
         s, c = self.spec, self.cost
@@ -243,20 +256,35 @@ class SimWorker:
 
     def kill(self) -> None:
         self.state = "stopped"
+        self.changed.set()
         for t in self.tasks:
             t.cancel()
         for f in self.flows:
             self.cluster.net.cancel(f)
 
     # -- WorkerClient -------------------------------------------------------------------------
-    async def health(self) -> dict:
+    async def health(self) -> WorkerHealth:
         if self.state == "stopped":
             raise WorkerError(f"worker {self.spec.worker_id} is gone", 503)
-        return {"stage_port": self.stage_port, "timeline": dict(self.timeline),
-                "standalone": self.standalone, "state": self.state, "error": self.error}
+        phase = Phase.READY if self.state == "ready" else Phase.LOADING
+        return WorkerHealth(phase, self.spec.worker_id, self.error, self.stage_port,
+                            self.standalone, dict(self.timeline), running=self.active)
 
-    async def init(self, peers: list[dict]) -> None:
-        self.peers = [int(p["stage_port"]) for p in sorted(peers, key=lambda p: p["rank"])]
+    async def wait_for(self, event: str, timeout: float) -> WorkerHealth:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self.changed.clear()
+            h = await self.health()
+            if h.has(event) or h.ended or h.error or loop.time() >= deadline:
+                return h
+            try:
+                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                pass
+
+    async def init(self, peers: list[Peer]) -> None:
+        self.peers = [p.stage_port for p in sorted(peers, key=lambda p: p.rank)]
 
     def _ring(self) -> list["SimWorker"]:
         if self.state == "stopped":
@@ -274,10 +302,10 @@ class SimWorker:
         compute = sum(w.gb / size * decode_s(self.shape, batch, w.gpu, self.cost) for w in ring)
         return compute + self.cost.hop_ms / 1000 * (len(ring) - 1)
 
-    async def generate(self, body: dict) -> AsyncIterator[dict]:
-        done = len(body.get("output_ids") or ())  # a resumed stream continues after these
-        n_out = int(body.get("max_tokens") or 16) - done
-        prompt = len(body.get("prompt_ids") or ()) + done
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent | ErrorEvent]:
+        done = len(req.output_ids)  # a resumed stream continues after these
+        n_out = int(req.params.get("max_tokens") or 16) - done
+        prompt = len(req.prompt_ids) + done
         if n_out < 1 or prompt < 1:
             raise WorkerError("max_tokens and the prompt must be positive", 400)
         for w in self._ring():
@@ -289,19 +317,18 @@ class SimWorker:
             first = sum(w.gb / size * prefill_s(self.shape, prompt, w.gpu, self.cost)
                         for w in ring) + self.cost.hop_ms / 1000 * (len(ring) - 1)
             await asyncio.sleep(first + self.cost.request_s)
-            yield {"token_id": 0, "finish_reason": "length" if n_out == 1 else None}
+            yield TokenEvent(0, "length" if n_out == 1 else None)
             left = n_out - 1
             while left > 0:
                 if self.leaving:  # stopped in order: the control plane continues elsewhere
-                    yield {"error": "the worker is stopping", "handover": True}
+                    yield ErrorEvent("the worker is stopping", handover=True)
                     return
                 ring = self._ring()  # consolidation may shorten it mid-stream
                 k = min(left, TOKENS_PER_WAKEUP)
                 await asyncio.sleep(k * self._step_s(ring, self.active))
                 left -= k
                 for i in range(k):
-                    yield {"token_id": 0,
-                           "finish_reason": "length" if left == 0 and i == k - 1 else None}
+                    yield TokenEvent(0, "length" if left == 0 and i == k - 1 else None)
         finally:
             self.active -= 1
 

@@ -1,8 +1,10 @@
 """The worker's HTTP control API (aiohttp).
 
-  GET  /health        state, stage, timeline
-  GET  /stats         the same plus scheduler and KV use
-  POST /init          {"peers": [{"rank", "host", "stage_port"}]}: join the ring
+  GET  /health        a protocol.WorkerHealth: phase, stage, timeline, engine load;
+                      ?wait=EVENT[&timeout=S] answers once EVENT is on the timeline, the
+                      worker failed or stopped, or S seconds (default 30, at most 300) passed
+  GET  /stats         the same
+  POST /init          {"peers": [protocol.Peer, ...]}: join the ring
   POST /generate      head only: {"prompt_ids": [...], "max_tokens", "temperature", "top_p",
                       "top_k", "seed", "stop_token_ids", "ignore_eos", "output_ids"} ->
                       newline-delimited JSON, one {"token_id", "finish_reason"} per token, or
@@ -25,21 +27,21 @@ import secrets
 from aiohttp import web
 
 from hydraserve.engine.sequence import SamplingParams
+from hydraserve.protocol import HANDOVER, ErrorEvent, GenerateRequest, Peer, ProtocolError
 from hydraserve.store.server import json_error
-from hydraserve.worker.core import HANDOVER, Worker
-from hydraserve.worker.routes import add_control_routes
+from hydraserve.worker.core import Worker
+from hydraserve.worker.routes import add_control_routes, wait_query
 
 log = logging.getLogger("hydraserve.worker")
 
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
 
 
-
-def sampling_params(body: dict) -> SamplingParams:
-    """Build sampling parameters from a request body; ValueError if they are invalid."""
-    kwargs = {k: body[k] for k in PARAM_FIELDS if body.get(k) is not None}
-    if "stop_token_ids" in body:
-        kwargs["stop_token_ids"] = tuple(int(t) for t in body["stop_token_ids"] or ())
+def sampling_params(params: dict) -> SamplingParams:
+    """Build sampling parameters from a request's ``params``; ValueError if they are invalid."""
+    kwargs = {k: params[k] for k in PARAM_FIELDS if params.get(k) is not None}
+    if "stop_token_ids" in params:
+        kwargs["stop_token_ids"] = tuple(int(t) for t in params["stop_token_ids"] or ())
     try:
         return SamplingParams(**kwargs)
     except TypeError as e:
@@ -49,31 +51,34 @@ def sampling_params(body: dict) -> SamplingParams:
 def make_app(worker: Worker) -> web.Application:
     app = web.Application()
 
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response(worker.describe())
+    async def health(request: web.Request) -> web.Response:
+        event, timeout = wait_query(request)
+        if event:
+            await worker.timeline.wait(event, timeout, lambda: worker.health().ended
+                                       or worker.error is not None)
+        return web.json_response(worker.health().to_json())
 
     async def init(request: web.Request) -> web.Response:
         try:
-            peers = (await request.json())["peers"]
-        except (ValueError, KeyError, TypeError):
+            peers = [Peer.from_json(p) for p in (await request.json())["peers"]]
+        except (ValueError, KeyError, TypeError):  # ProtocolError is a ValueError
             return json_error(400, 'body must be {"peers": [{"rank", "host", "stage_port"}, ...]}')
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, worker.connect, peers)
         except (OSError, ConnectionError, KeyError) as e:
             return json_error(502, f"cannot join the pipeline: {e}")
-        return web.json_response(worker.describe())
+        return web.json_response(worker.health().to_json())
 
     async def generate(request: web.Request) -> web.StreamResponse:
         why = worker.can_generate()
         if why:
             return json_error(503, why)
         try:
-            body = await request.json()
-            prompt = [int(t) for t in body["prompt_ids"]]
-            output_ids = [int(t) for t in body.get("output_ids") or ()]
-            params = sampling_params(body)
-        except (ValueError, KeyError, TypeError) as e:
+            req = GenerateRequest.from_json(await request.json())
+            prompt, output_ids = req.prompt_ids, req.output_ids
+            params = sampling_params(req.params)
+        except (ValueError, KeyError, TypeError, ProtocolError) as e:
             return json_error(400, f"invalid request: {e}")
         if not prompt:
             return json_error(400, "prompt_ids is empty")
@@ -92,7 +97,7 @@ def make_app(worker: Worker) -> web.Application:
                     if not worker.stopping.is_set():
                         continue
                     # stopped before the engine took the request: hand it over unanswered
-                    item = {"error": HANDOVER, "handover": True}
+                    item = ErrorEvent(HANDOVER, handover=True).to_json()
                 await resp.write(json.dumps(item).encode() + b"\n")
                 if "error" in item or item.get("finish_reason"):
                     break
@@ -109,7 +114,7 @@ def make_app(worker: Worker) -> web.Application:
             worker.consolidate()
         except ValueError as e:
             return json_error(409, str(e))
-        return web.json_response(worker.describe())
+        return web.json_response(worker.health().to_json())
 
     async def stop(_: web.Request) -> web.Response:
         # hands the open streams over first (waits for the engine thread: not on this loop)

@@ -7,15 +7,10 @@ other stage runs a loop: receive, execute its layers, send on; the last one samp
 tokens back to the head. A broken connection fails the stage, which closes both of its sockets,
 so the failure travels round the ring and the head errors every open request within moments.
 
-Consolidation: an all-card worker fetches the ``rest`` image, grows its model and KV cache while
-still serving its slice, and reports. The head then stops launching pipeline batches, lets the
-in-flight ones drain, pulls the KV blocks of its running requests for the layers it lacked (a
-``kv_pull`` message goes round the ring, each stage adding its layers), switches to the whole
-model and sends ``release``: part-card workers exit, other all-card workers become standalone.
+Consolidation (an all-card stage taking the whole model over) is in `consolidation`.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import queue
@@ -34,23 +29,16 @@ from hydraserve.engine.sampler import sample
 from hydraserve.engine.scheduler import Scheduler
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.engine.stream_load import iter_region, region_model_config
-from hydraserve.store.image import ImageKind, ImageSpec
+from hydraserve.protocol import HANDOVER, ErrorEvent, Peer, Phase, TokenEvent, WorkerHealth
 from hydraserve.store.layout import StageSpec
 from hydraserve.store.progressive import ProgressiveRegion
+from hydraserve.worker.consolidation import Consolidation
 from hydraserve.worker.timeline import Timeline
 from hydraserve.worker.transport import ConnectionClosed, recv_msg, send_msg
 
 log = logging.getLogger("hydraserve.worker")
 
 Sink = Callable[[dict], None]  # receives {"token_id", "finish_reason"} or {"error", ...}
-HANDOVER = "the worker is stopping; the stream continues elsewhere"
-
-
-class WorkerState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -66,15 +54,16 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     stage_port: int = 0
     streaming_load: bool = True  # False: wait for every byte, then load (a baseline)
+    token: str | None = None  # the cluster token, sent with the calls to the agent
 
 
-class Worker:
+class Worker(Consolidation):
     def __init__(self, cfg: WorkerConfig, region: ProgressiveRegion, timeline: Timeline):
         if cfg.engine.num_kv_blocks is None:
             raise ValueError("a worker needs num_kv_blocks: every stage must have the same count")
         self.cfg, self.region, self.timeline = cfg, region, timeline
         self.spec = StageSpec(cfg.rank, cfg.p, *cfg.layers)
-        self.state = WorkerState.LOADING
+        self.state = Phase.LOADING
         self.error: str | None = None
         self.runner: StageRunner | None = None
         self.scheduler: Scheduler | None = None
@@ -127,7 +116,7 @@ class Worker:
             if self.is_head or self.standalone:
                 self.scheduler = Scheduler(self.cfg.engine, blocks, max_len, model_cfg.eos_token_ids)
             self.runner = runner
-            self.state = WorkerState.READY
+            self.state = Phase.READY
             self.timeline.mark("engine_ready")
         except Exception as e:  # noqa: BLE001 - reported through /health and to callers
             if self.stopping.is_set():
@@ -144,13 +133,13 @@ class Worker:
             self.weights_ready.set()
 
     # -- ring -------------------------------------------------------------------------------
-    def connect(self, peers: list[dict], timeout: float = 30.0) -> None:
-        """Join the ring described by ``peers`` ([{"rank", "host", "stage_port"}]); returns
-        once both neighbours are connected. Then starts this worker's threads."""
+    def connect(self, peers: list[Peer], timeout: float = 30.0) -> None:
+        """Join the ring of ``peers``; returns once both neighbours are connected. Then starts
+        this worker's threads."""
         if self.connected:
             return
         if self.cfg.p > 1:
-            by_rank = {int(p["rank"]): p for p in peers}
+            by_rank = {p.rank: p for p in peers}
             nxt = by_rank[(self.cfg.rank + 1) % self.cfg.p]
             accepted: list[socket.socket] = []
             self.listener.settimeout(timeout)
@@ -159,11 +148,11 @@ class Worker:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    self.next_sock = socket.create_connection((nxt["host"], int(nxt["stage_port"])), 5)
+                    self.next_sock = socket.create_connection((nxt.host, nxt.stage_port), 5)
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise ConnectionError(f"cannot reach stage {nxt['rank']}") from None
+                        raise ConnectionError(f"cannot reach stage {nxt.rank}") from None
                     time.sleep(0.05)
             acceptor.join(timeout)
             if not accepted:
@@ -191,9 +180,9 @@ class Worker:
     # -- requests (called from the API's event loop) -------------------------------------------
     def can_generate(self) -> str | None:
         """None if /generate may be called now, else why not."""
-        if self.state is WorkerState.FAILED:
+        if self.state is Phase.FAILED:
             return f"worker failed: {self.error}"
-        if self.state is WorkerState.STOPPED or self.stopping.is_set():
+        if self.state is Phase.STOPPED or self.stopping.is_set():
             return "worker is stopping"
         if not (self.is_head or self.standalone):
             return f"stage {self.cfg.rank} is not the head of its pipeline"
@@ -222,7 +211,7 @@ class Worker:
                 self._pull_kv()
             batch = None
             depth = 1 if self.standalone else self.cfg.p  # batches a pipeline keeps in flight
-            if (self.state is WorkerState.READY and not self.switching
+            if (self.state is Phase.READY and not self.switching
                     and len(self.in_flight) < depth):
                 batch = self.scheduler.schedule()
             if batch is not None:
@@ -246,13 +235,13 @@ class Worker:
         kind = ev[0]
         if kind == "add":
             _, key, prompt, params, sink, output_ids = ev
-            if self.state is not WorkerState.READY:
-                sink({"error": f"worker is {self.state.value}: {self.error}"})
+            if self.state is not Phase.READY:
+                sink(ErrorEvent(f"worker is {self.state.value}: {self.error}").to_json())
                 return
             try:
                 seq_id = self.scheduler.add(prompt, params, output_ids)
             except ValueError as e:
-                sink({"error": str(e), "status": 400})  # the request's fault, not the worker's
+                sink(ErrorEvent(str(e), 400).to_json())  # the request's fault, not the worker's
                 return
             self.sinks[seq_id] = sink
             self.seq_of_key[key] = seq_id
@@ -303,7 +292,7 @@ class Worker:
                 continue
             self.timeline.mark("first_token")
             reason = out.finish_reason.value if out.finish_reason else None
-            sink({"token_id": out.token_id, "finish_reason": reason})
+            sink(TokenEvent(out.token_id, reason).to_json())
             if reason is not None:
                 del self.sinks[out.seq_id]
         if not self.sinks:
@@ -312,9 +301,9 @@ class Worker:
     def _fail_requests(self, message: str, handover: bool = False) -> None:
         """End every open stream with an error item; ``handover``: the worker is leaving in
         order, and the control plane continues each stream elsewhere."""
-        item = {"error": message, "handover": True} if handover else {"error": message}
+        item = ErrorEvent(message, handover=handover)
         for seq_id, sink in list(self.sinks.items()):
-            sink(dict(item))
+            sink(item.to_json())
             self.scheduler.abort(seq_id)
         self.sinks.clear()
         self.seq_of_key.clear()
@@ -344,7 +333,7 @@ class Worker:
                 kind = header["type"]
                 if kind in ("batch", "kv_pull"):
                     self.weights_ready.wait()
-                    if self.state is not WorkerState.READY:
+                    if self.state is not Phase.READY:
                         raise ConnectionError(f"this stage cannot serve: {self.error}")
                 if kind == "batch":
                     batch = StepBatch.from_dict(header["batch"])
@@ -366,118 +355,13 @@ class Worker:
             if not self.stopping.is_set():
                 self._fail(f"pipeline connection lost: {e}")
 
-    def _on_release(self) -> None:
-        """The head has the whole model: leave the ring."""
-        self._close_ring()
-        self.released.set()
-        if not self.cfg.all_card:
-            log.info("worker %s: part-card stage released; exiting", self.cfg.worker_id)
-            self.stop()
-        elif self.rest_loaded.is_set():
-            self._become_standalone()
-
-    def _become_standalone(self) -> None:
-        with self._standalone_lock:  # reached from the stage thread or the consolidate thread
-            if self.standalone:
-                return
-            self.standalone = True
-        self.runner.activate(self.runner.spec)
-        self.scheduler = Scheduler(self.cfg.engine, self.runner.kv.num_blocks,
-                                   self.runner.model.max_len, self.runner.model_cfg.eos_token_ids)
-        self.timeline.mark("consolidated")
-        self._start_engine()
-
-    # -- KV migration ---------------------------------------------------------------------------
-    def _kv_tensors(self, blocks: list[int], layers: range) -> dict[str, torch.Tensor]:
-        bs = self.runner.kv.block_size
-        slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
-        slots = slots.to(self.runner.device)
-        out = {}
-        for layer in layers:
-            k, v = self.runner.kv.layers[layer]
-            out[f"k.{layer}"], out[f"v.{layer}"] = k[slots], v[slots]
-        return out
-
-    def _pull_kv(self) -> None:
-        blocks = sorted({b for s in self.scheduler.running for b in s.block_ids})
-        self.kv_pending = True
-        log.info("worker %s: migrating %d KV block(s)", self.cfg.worker_id, len(blocks))
-        try:
-            self._send({"type": "kv_pull", "blocks": blocks})
-        except (ConnectionError, OSError) as e:
-            self._fail(f"pipeline connection lost: {e}")
-            self._fail_requests(self.error)
-
-    def _install_kv(self, header: dict, tensors: dict[str, torch.Tensor]) -> None:
-        bs = self.runner.kv.block_size
-        blocks = header["blocks"]
-        slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
-        slots = slots.to(self.runner.device)
-        own = self.runner.active.layers
-        for name, t in tensors.items():
-            layer = int(name.split(".")[1])
-            if layer not in own:
-                self.runner.kv.layers[layer][0 if name[0] == "k" else 1][slots] = \
-                    t.to(self.runner.device, self.runner.dtype)
-        self.runner.activate(self.runner.spec)
-        self.standalone = True
-        self.switching = self.kv_pending = False
-        try:
-            self._send({"type": "release"})
-        except (ConnectionError, OSError):
-            pass  # the others exit on their own when the ring breaks
-        self.timeline.mark("consolidated")
-        log.info("worker %s: consolidated; serving the whole model alone", self.cfg.worker_id)
-
-    # -- consolidation ----------------------------------------------------------------------------
-    def consolidate(self) -> None:
-        if not self.cfg.all_card or self.cfg.p == 1:
-            raise ValueError("only an all-card stage of a pipeline can consolidate")
-        if self.timeline.has("consolidation_started"):
-            return
-        self.timeline.mark("consolidation_started")
-        self.rest_thread = threading.Thread(target=self._consolidate, name="consolidate",
-                                            daemon=True)
-        self.rest_thread.start()
-
-    def _consolidate(self) -> None:
-        try:
-            region = ProgressiveRegion.attach(
-                self.cfg.agent, ImageSpec(self.cfg.model, ImageKind.REST, self.cfg.p, self.cfg.rank))
-            self.rest_region = region
-            if self.stopping.is_set():
-                region.cancel()  # stop() ran while we attached
-            self.weights_ready.wait()
-            if self.runner is None:
-                raise RuntimeError(self.error or "the stage did not load")
-            whole = StageSpec(0, 1, 0, self.runner.model_cfg.num_layers)
-            self.runner.extend(whole)
-            self.runner.load(iter_region(region))
-            self.timeline.mark("rest_loaded")
-        except Exception as e:  # noqa: BLE001
-            if self.stopping.is_set():
-                log.info("worker %s: consolidation abandoned (stopping)", self.cfg.worker_id)
-            else:
-                log.exception("worker %s: consolidation failed", self.cfg.worker_id)
-                self.error = f"consolidation failed: {e}"
-            return
-        finally:
-            # only this thread closes the region it reads (see stop)
-            region, self.rest_region = self.rest_region, None
-            if region is not None:
-                region.close()
-        self.rest_loaded.set()
-        if self.is_head:
-            self.events.put(("rest_loaded",))
-        elif self.released.is_set():
-            self._become_standalone()
-
     # -- state ------------------------------------------------------------------------------------
     def _fail(self, message: str) -> None:
-        if self.state is WorkerState.FAILED:
+        if self.state is Phase.FAILED:
             return
         log.error("worker %s: %s", self.cfg.worker_id, message)
-        self.state, self.error = WorkerState.FAILED, message
+        self.state, self.error = Phase.FAILED, message
+        self.timeline.notify()  # a long-poll of /health learns of it now
         self._close_ring()
 
     def _close_ring(self) -> None:
@@ -508,8 +392,9 @@ class Worker:
         if handover:
             self.hand_over()
         self.stopping.set()
-        if self.state is not WorkerState.FAILED:
-            self.state = WorkerState.STOPPED
+        if self.state is not Phase.FAILED:
+            self.state = Phase.STOPPED
+        self.timeline.notify()
         self._close_ring()
         self.listener.close()
         # a region still being read belongs to its reading thread, which closes it when its
@@ -524,21 +409,17 @@ class Worker:
                 region.close()
         self.exit_requested.set()
 
-    def describe(self) -> dict:
-        r = self.runner
-        s = self.scheduler
-        return {
-            "worker_id": self.cfg.worker_id, "pid": os.getpid(), "model": self.cfg.model,
-            "rank": self.cfg.rank,
-            "p": self.cfg.p, "layers": list(self.cfg.layers), "all_card": self.cfg.all_card,
-            "state": self.state.value, "error": self.error, "stage_port": self.stage_port,
-            "connected": self.connected, "standalone": self.standalone,
-            "active_layers": [r.active.layer_start, r.active.layer_end] if r else None,
-            "held_layers": [r.spec.layer_start, r.spec.layer_end] if r else None,
-            "running": len(s.running) if s else 0, "waiting": len(s.waiting) if s else 0,
-            "in_flight_batches": len(self.in_flight), "steps": self.steps,
-            "aborted": self.aborted,
-            "kv_blocks": self.cfg.engine.num_kv_blocks,
-            "kv_blocks_free": s.allocator.num_free if s else None,
-            "timeline": self.timeline.as_dict(),
-        }
+    def health(self) -> WorkerHealth:
+        r, s = self.runner, self.scheduler
+        return WorkerHealth(
+            self.state, self.cfg.worker_id, self.error, self.stage_port, self.standalone,
+            self.timeline.as_dict(), running=len(s.running) if s else 0,
+            waiting=len(s.waiting) if s else 0, steps=self.steps, aborted=self.aborted,
+            kv_blocks=self.cfg.engine.num_kv_blocks,
+            kv_blocks_free=s.allocator.num_free if s else None,
+            extra={"pid": os.getpid(), "model": self.cfg.model, "rank": self.cfg.rank,
+                   "p": self.cfg.p, "layers": list(self.cfg.layers),
+                   "all_card": self.cfg.all_card, "connected": self.connected,
+                   "active_layers": [r.active.layer_start, r.active.layer_end] if r else None,
+                   "held_layers": [r.spec.layer_start, r.spec.layer_end] if r else None,
+                   "in_flight_batches": len(self.in_flight)})

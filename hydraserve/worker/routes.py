@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+MAX_WAIT_S = 300.0  # the longest long-poll of /health
+
 
 def add_control_routes(app: web.Application, *, health, init, generate, consolidate,
                        stop) -> None:
@@ -13,3 +15,12 @@ def add_control_routes(app: web.Application, *, health, init, generate, consolid
     app.router.add_post("/generate", generate)
     app.router.add_post("/consolidate", consolidate)
     app.router.add_post("/stop", stop)
+
+
+def wait_query(request: web.Request) -> tuple[str | None, float]:
+    """The event a /health long-poll waits for (None: answer now) and for how long at most."""
+    try:
+        timeout = min(max(float(request.query.get("timeout", 30)), 0.0), MAX_WAIT_S)
+    except ValueError:
+        raise web.HTTPBadRequest(text="timeout must be a number of seconds") from None
+    return request.query.get("wait") or None, timeout
