@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydraserve.cluster.local import LocalCluster
-from hydraserve.control.instance import InstanceState
 from hydraserve.config import GatewayConfig, ModelConfigEntry, cluster_from_dict
 
 
@@ -159,10 +158,10 @@ class Rig:
 
     def scale_to_zero(self, model: str) -> None:
         for inst in self.instances(model):
-            self.call(self.controller._stop_instance(inst, InstanceState.STOPPED))
+            self.call(self.controller.stop_instance(inst.id))
 
     def instances(self, model: str) -> list:
-        ep = self.controller.endpoints.get(model)
+        ep = self.controller.model(model)
         return list(ep.instances) if ep else []
 
     def wait_for(self, what, timeout: float = 60.0, every: float = 0.02):

@@ -91,9 +91,9 @@ def test_a_model_that_fits_nowhere_fails_after_the_queue_timeout(llama_dir):
         ep = c.register(ModelConfigEntry("m", llama_dir))  # needs >= 5 GB, GPUs have 1 GB
         req = Request("r", "m", [1, 2], {"max_tokens": 1})
         c.submit(req)
-        c._reconcile(ep, req.arrival + 1)
+        c.reconcile(ep, req.arrival + 1)
         assert req.events.empty() and ep.queue == [req] and not ep.instances
-        c._reconcile(ep, req.arrival + 6)
+        c.reconcile(ep, req.arrival + 6)
         err = req.events.get_nowait()
         assert err["status"] == 503 and "could be started" in err["error"] and not ep.queue
     finally:
@@ -119,16 +119,16 @@ def test_admission_and_placement_share_one_ttft_model(llama_dir):
         req = Request("r", "m", [1, 2], {"max_tokens": 1})
         c.submit(req)
         now = req.arrival
-        asked = c.placement_request(ep, now, 1)
-        placement = c._place(asked)
+        asked = c.placer.request(ep, now, 1)
+        placement = c.placer.place(asked)
         assert placement is not None and placement.p == 1
         assert placement.predicted_ttft_ms == pytest.approx(3000 + 4000)
-        inst = c._claim(ep, placement, asked, now)
+        inst = c.placer.claim(ep, placement, asked, now)
         fetch = inst.stages[0].fetch
         assert fetch.deadline == pytest.approx(now + 3.5)
-        later = c.placement_request(ep, now + 1.0, 1)
+        later = c.placer.request(ep, now + 1.0, 1)
         assert later.nodes[0].offered_gbps == 0.0
-        assert c._place(later) is None  # nothing to place on: the only NIC is refused
+        assert c.placer.place(later) is None  # nothing to place on: the only NIC is refused
     finally:
         cluster.close()
 
@@ -149,7 +149,7 @@ def test_admin_register_keeps_every_field_of_a_model_entry(llama_dir):
         assert client.post("/admin/models", json=body, headers=auth).status_code == 200
         (got,) = client.get("/admin/models", headers=auth).json()["models"]
         assert got == body  # size_gb was dropped (the checkpoint's bytes were used) before
-        assert gateway.controller.endpoints["m13"].size_gb == 26.0
+        assert gateway.controller.model("m13").size_gb == 26.0
         bad = client.post("/admin/models", json={**body, "name": "x", "sise_gb": 1}, headers=auth)
         assert bad.status_code == 400 and "sise_gb" in bad.json()["error"]["message"]
     finally:
@@ -188,12 +188,12 @@ def test_a_sequence_no_worker_can_hold_is_refused_with_400(llama_dir):
         gateway = Gateway(GatewayConfig(kv_cache_mb=1), cfg, cluster, [])
         client = TestClient(create_app(gateway))  # no lifespan: nothing is started
         client.post("/admin/models", json={"name": "m", "path": llama_dir})
-        kv = gateway.controller.endpoints["m"].kv_tokens
+        kv = gateway.controller.model("m").kv_tokens
         assert kv == 1024  # 1 MiB / (2 x 4 layers x 2 heads x 16 dims x 4 bytes) per token
         r = client.post("/v1/completions", json={"model": "m", "prompt": [5] * 20,
                                                  "max_tokens": kv - 19})
         assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "max_tokens"
-        assert not gateway.controller.endpoints["m"].queue
+        assert not gateway.controller.model("m").queue
     finally:
         cluster.close()

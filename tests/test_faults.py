@@ -18,7 +18,6 @@ import yaml
 
 from hydraserve.make_model import ModelSpec, make_model
 from hydraserve.store.launch import ServerProcess
-from hydraserve.control.instance import InstanceState
 from tests.faults import TABLE, Counts, Outcome, Rig, ask, ask_many, kill
 
 pytestmark = [pytest.mark.faults, pytest.mark.multiprocess]
@@ -97,7 +96,7 @@ def test_worker_killed_during_cold_start_is_placed_again(rig_factory, model_dirs
         results = _join(threads, out)
         counts.add(results)
         assert [r.kind for r in results] == ["answered", "answered"], results
-        assert rig.controller.endpoints["m"].cold_starts >= 2  # a new placement served them
+        assert rig.controller.model("m").cold_starts >= 2  # a new placement served them
         rig.scale_to_zero("m")  # cold again for the next round
     _record("a. worker SIGKILLed during its cold start", counts,
             "requests whose instance fails before their first token are queued again")
@@ -152,7 +151,7 @@ def test_stage_killed_mid_stream_streams_continue_identically(rig_factory, big_m
     victim = inst.stages[-1]  # p2: the last stage; otherwise the only one
     counts.add(_identical_through(
         rig, 3, lambda: kill(rig.cluster.worker_pid(victim.worker_id))))
-    assert rig.controller.endpoints["m"].resumed >= 1
+    assert rig.controller.model("m").resumed >= 1
     after = ask_many(rig.url, [_body(8), _body(8, stream=False)], BOUND)
     counts.add(after)
     assert [r.kind for r in after] == ["answered", "answered"], after
@@ -280,7 +279,7 @@ def test_a_stop_during_consolidation_ends_cleanly(rig_factory, big_model):
     inst = rig.wait_for(lambda: rig.instances("m") and rig.instances("m")[0])
     assert inst.placement.consolidate
     rig.wait_for(lambda: "consolidation_started" in inst.timeline, every=0.002)
-    rig.call(rig.controller._stop_instance(inst, InstanceState.STOPPED))
+    rig.call(rig.controller.stop_instance(inst.id))
     counts = Counts()
     results = _join(threads, out)
     counts.add(results)

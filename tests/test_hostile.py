@@ -126,4 +126,4 @@ def test_the_server_is_alive_and_nothing_was_queued(client):
     assert client.get("/v1/models").status_code == 200
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    assert not any(ep.queue for ep in client.gateway.controller.endpoints.values())
+    assert not any(ep.queue for ep in client.gateway.controller.models().values())

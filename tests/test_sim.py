@@ -160,8 +160,8 @@ def test_a_worker_lost_mid_stream_resumes_on_a_new_instance():
         while not items or not (items[-1].get("finish_reason") or "error" in items[-1]):
             items.append(await req.events.get())
             if len(items) == 40:  # the first chunks are in: the worker dies
-                cluster.workers[controller.instances[req.instance].head.worker_id].kill()
-        ep = controller.endpoints["m"]
+                cluster.workers[controller.instance(req.instance).head.worker_id].kill()
+        ep = controller.model("m")
         await controller.close()
         return items, ep
 

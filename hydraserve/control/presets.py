@@ -1,6 +1,7 @@
 """The six execution types of PAPER.md section 8: one system, switched by a preset."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -49,3 +50,12 @@ def preset(name: str | ExecType) -> Preset:
     except ValueError:
         choices = ", ".join(e.value for e in ExecType)
         raise ValueError(f"unknown execution type {name!r}; choose one of {choices}") from None
+
+
+def resolve(exec_type: str | ExecType, static_p: int | None = None) -> Preset:
+    """The preset of ``exec_type``; with ``static_p``, its placement replaced by the static
+    policy at that p (the paper's fixed-p runs)."""
+    p = preset(exec_type)
+    if static_p:
+        p = dataclasses.replace(p, policy=PolicyName.STATIC, static_p=static_p, max_p=static_p)
+    return p

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
@@ -25,8 +24,6 @@ from hydraserve.config import (ClusterConfig, ConfigError, GatewayConfig, ModelC
                                model_entry_from_dict)
 from hydraserve.control.controller import Controller, Draining, QueueFull
 from hydraserve.control.instance import Request
-from hydraserve.control.placement import PolicyName
-from hydraserve.control.presets import preset
 from hydraserve.engine.config import ModelLoadError
 from hydraserve.gateway.detok import Detokenizer
 from hydraserve.gateway.limits import BodyLimits
@@ -44,12 +41,9 @@ class Gateway:
     def __init__(self, gw: GatewayConfig, cluster_cfg: ClusterConfig, cluster,
                  models: list[ModelConfigEntry]):
         self.gw, self.cluster_cfg, self.cluster = gw, cluster_cfg, cluster
-        self.preset = preset(gw.exec_type)
-        if gw.static_p:
-            self.preset = dataclasses.replace(self.preset, policy=PolicyName.STATIC,
-                                              static_p=gw.static_p, max_p=gw.static_p)
         self.initial_models = models
-        self.controller = Controller(cluster, cluster_cfg, gw, self.preset)
+        self.controller = Controller.build(cluster, cluster_cfg, gw)
+        self.preset = self.controller.preset
         self.metrics = Metrics(self.controller)
         self.tokenizers: dict[str, Tokenizer] = {}
         self.created: dict[str, int] = {}
@@ -63,8 +57,7 @@ class Gateway:
             return
         self._draining = True
         log.info("shutting down: open requests have %.0f s to finish", grace_s)
-        self._loop.call_soon_threadsafe(
-            lambda: self.controller._spawn(self.controller.drain(grace_s)))
+        self._loop.call_soon_threadsafe(self.controller.begin_drain, grace_s)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -145,7 +138,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
     async def models() -> dict:
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": gateway.created.get(n, 0),
-             "owned_by": "hydraserve"} for n in gateway.controller.endpoints]}
+             "owned_by": "hydraserve"} for n in gateway.controller.models()]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: HTTPRequest):
@@ -157,7 +150,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
 
     async def generate(body, http: HTTPRequest, chat: bool):
         tok = gateway.tokenizers.get(body.model)
-        if tok is None or body.model not in gateway.controller.endpoints:
+        if tok is None or gateway.controller.model(body.model) is None:
             return _openai_error(404, f"the model {body.model!r} does not exist", "model")
         if getattr(body, "logprobs", None):
             return _openai_error(400, "logprobs are not supported", "logprobs")
@@ -194,7 +187,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
             return _openai_error(400, f"max_tokens is {asked}; this server generates at most "
                                  f"{gw.max_new_tokens} tokens per request", "max_tokens")
         max_tokens = min(asked or (gw.max_new_tokens if chat else 16), room, gw.max_new_tokens)
-        kv_tokens = gateway.controller.endpoints[body.model].kv_tokens
+        kv_tokens = gateway.controller.model(body.model).kv_tokens
         if gw.engine == "hydraserve" and len(prompt) + max_tokens > kv_tokens:
             # a worker could never hold this sequence: refuse it here instead of failing the
             # instance that would take it
@@ -240,7 +233,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         if not admin_ok(request):
             return _openai_error(401, "admin token required")
         return {"models": [{**asdict(ep.entry), "size_gb": ep.size_gb}
-                           for ep in gateway.controller.endpoints.values()]}
+                           for ep in gateway.controller.models().values()]}
 
     @app.post("/admin/models")
     async def admin_register(request: HTTPRequest):
@@ -257,7 +250,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
     async def admin_remove(name: str, request: HTTPRequest):
         if not admin_ok(request):
             return _openai_error(401, "admin token required")
-        if name not in gateway.controller.endpoints:
+        if gateway.controller.model(name) is None:
             return _openai_error(404, f"the model {name!r} does not exist")
         await gateway.controller.unregister(name)
         gateway.tokenizers.pop(name, None)
@@ -267,7 +260,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
     async def admin_instances(request: HTTPRequest):
         if not admin_ok(request):
             return _openai_error(401, "admin token required")
-        return {"instances": [i.describe() for i in gateway.controller.instances.values()],
+        return {"instances": [i.describe() for i in gateway.controller.instances()],
                 **gateway.controller.describe()}
 
     return app

@@ -36,7 +36,7 @@ class _ControllerCollector:
                 "hydraserve_resumed_requests", "Streams placed again after their instance was "
                 "lost mid-stream (continued from the tokens already sent)", labels=["model"]),
         }
-        for name, ep in self.c.endpoints.items():
+        for name, ep in self.c.models().items():
             queue.add_metric([name], len(ep.queue))
             cold.add_metric([name], ep.cold_starts)
             for state in InstanceState:

@@ -46,6 +46,8 @@ PAPER_SHAPES = {
     "Falcon-7B": _shape("Falcon-7B", 13.0, 32, 4544 // 128 * 128),
 }
 GUARDED = ("hydraserve.control.controller", "hydraserve.control.instance",
+           "hydraserve.control.state", "hydraserve.control.router", "hydraserve.control.fleet",
+           "hydraserve.control.placer", "hydraserve.control.consolidation",
            "hydraserve.control.network", "hydraserve.control.gpu",
            "hydraserve.control.placement", "hydraserve.control.lifecycle",
            "hydraserve.sim.cluster", "hydraserve.sim.network")
@@ -104,15 +106,11 @@ async def _client(controller, i: int, r: TraceRecord, res: dict, timeout_s: floa
 
 async def _simulate(records: list[TraceRecord], s: SimSetting, lifecycle: Path) -> list[dict]:
     from hydraserve.control.controller import Controller
-    from hydraserve.control.placement import PolicyName
-    from hydraserve.control.presets import preset
+    from hydraserve.control.presets import resolve
     from hydraserve.sim.cluster import SimCluster
 
     loop = asyncio.get_running_loop()
-    p = preset(s.exec_type)
-    if s.static_p:
-        p = dataclasses.replace(p, policy=PolicyName.STATIC, static_p=s.static_p,
-                                max_p=s.static_p)
+    p = resolve(s.exec_type, s.static_p)
     cfg = s.cluster.with_host_cache(p.cache)
     cfg = dataclasses.replace(cfg, share=cfg.share and p.share_gpus)
     models = sorted({r.endpoint: r.model for r in records}.items())
@@ -122,9 +120,9 @@ async def _simulate(records: list[TraceRecord], s: SimSetting, lifecycle: Path) 
               for ep, m in models}
     gpu_of = {n.name: s.device for n in cfg.servers} if s.device else None
     cluster = SimCluster(cfg, shapes, s.cost, gpu_of=gpu_of)
-    gw = GatewayConfig(exec_type=s.exec_type, keep_alive_s=s.keep_alive_s,
+    gw = GatewayConfig(exec_type=s.exec_type, static_p=s.static_p, keep_alive_s=s.keep_alive_s,
                        lifecycle_log=str(lifecycle), max_queue=10**6)
-    controller = Controller(cluster, cfg, gw, p, clock=loop.time, lifecycle_clock=loop.time)
+    controller = Controller.build(cluster, cfg, gw, clock=loop.time, lifecycle_clock=loop.time)
     slos = {r.endpoint: (r.ttft_slo_s, r.tpot_slo_ms) for r in records}
     for ep, m in models:
         controller.register(ModelConfigEntry(ep, f"sim:{m}", ttft_slo_s=slos[ep][0],

@@ -1,0 +1,121 @@
+"""What the control plane's parts share: the endpoints and instances, the GPU and NIC ledgers,
+the requests being served, the wake-up of the reconcile loop and its background tasks.
+
+The parts (`router`, `placer`, `fleet`, `consolidation`) each hold this one object; none
+holds another's private state, and the `Controller` wires them together."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hydraserve.cluster.base import ClusterBackend
+from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
+from hydraserve.control.gpu import GpuLedger
+from hydraserve.control.instance import Instance, Request, Stage
+from hydraserve.control.lifecycle import LifecycleLog
+from hydraserve.control.network import NicLedger
+from hydraserve.control.presets import Preset
+from hydraserve.engine.config import EngineConfig  # torch-free
+
+KV_BLOCK_SIZE = EngineConfig.block_size  # the workers' block size (WorkerSpec's default)
+
+log = logging.getLogger("hydraserve.control")
+
+
+class QueueFull(Exception):
+    """No free slot and a full queue: the request is refused (429)."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new request (503)."""
+
+
+@dataclass
+class Endpoint:
+    """One servable model: its queue, its instances and its counters."""
+
+    entry: ModelConfigEntry
+    size_gb: float  # in the cluster's (paper) units
+    num_kv_blocks: int
+    queue: list[Request] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    layouts: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    cold_starts: int = 0
+    refused: int = 0  # requests turned away: no free slot and a full queue
+    cancelled: int = 0  # requests whose client went away before they ended
+    resumed: int = 0  # streams placed again after their instance was lost mid-stream
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens one worker's KV cache holds (a sequence longer than this cannot run)."""
+        return self.num_kv_blocks * KV_BLOCK_SIZE
+
+
+class ControlState:
+    def __init__(self, cluster: ClusterBackend, cluster_cfg: ClusterConfig, gw: GatewayConfig,
+                 preset: Preset, clock: Callable[[], float],
+                 lifecycle_clock: Callable[[], float]):
+        self.cluster, self.cluster_cfg, self.gw, self.preset = cluster, cluster_cfg, gw, preset
+        self.clock = clock
+        self.gpus = GpuLedger(cluster.gpu_budgets(), share=preset.share_gpus and cluster_cfg.share)
+        self.nics = NicLedger({s.name: s.nic_gbps for s in cluster_cfg.servers})
+        self.endpoints: dict[str, Endpoint] = {}
+        self.instances: dict[str, Instance] = {}
+        self.cached: dict[str, set[str]] = {s.name: set() for s in cluster_cfg.servers}
+        self.serving: dict[str, Request] = {}  # by id: dispatched and not finished
+        self.closing = False
+        self.draining = False
+        self.lifecycle = LifecycleLog(gw.lifecycle_log, lifecycle_clock) \
+            if gw.lifecycle_log else None
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+
+    def new_id(self, model: str) -> str:
+        return f"{model}-{next(self._ids)}"
+
+    def wake(self) -> None:
+        """Run the reconcile loop now (something changed)."""
+        self._wake.set()
+
+    async def woken(self, timeout: float) -> None:
+        """Until `wake` or ``timeout`` seconds (the tick), then re-arm."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """A background task the control plane owns (cancelled at close)."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def log(self, event: str, **fields) -> None:
+        if self.lifecycle:
+            self.lifecycle.write(event, **fields)
+
+    def add(self, ep: Endpoint, inst: Instance) -> None:
+        ep.instances.append(inst)
+        self.instances[inst.id] = inst
+
+    def remove(self, inst: Instance) -> None:
+        ep = self.endpoints.get(inst.model)
+        if ep is not None and inst in ep.instances:
+            ep.instances.remove(inst)
+        self.instances.pop(inst.id, None)
+
+    def release_fetch(self, stage: Stage) -> None:
+        """Drop a stage's NIC booking (the ledger may have completed it already)."""
+        fetch, stage.fetch = stage.fetch, None
+        if fetch is not None and any(f.id == fetch.id for f in self.nics.active(fetch.node)):
+            self.nics.finish(fetch)
