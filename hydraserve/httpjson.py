@@ -1,5 +1,8 @@
 """Small blocking JSON-over-HTTP calls with the standard library (no aiohttp import), for
-processes that must talk to a server before, or without, loading the async stack."""
+processes that must talk to a server before, or without, loading the async stack.
+
+Every call takes the cluster token explicitly (``token``, sent as "Authorization: Bearer TOKEN"
+when set): a process may talk to servers of different clusters, or to one without a token."""
 from __future__ import annotations
 
 import http.client
@@ -16,15 +19,11 @@ class CallError(RuntimeError):
         self.status = status
 
 
-_HEADERS = {"Content-Type": "application/json"}
-
-
-def use_token(token: str | None) -> None:
-    """Send "Authorization: Bearer TOKEN" (the cluster token) with every call of this process."""
+def _headers(token: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
     if token:
-        _HEADERS["Authorization"] = f"Bearer {token}"
-    else:
-        _HEADERS.pop("Authorization", None)
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
@@ -32,11 +31,11 @@ def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
 
 
-def _request(url: str, method: str, path: str, data: bytes | None,
-             timeout: float) -> tuple[int, bytes]:
+def _request(url: str, method: str, path: str, data: bytes | None, timeout: float,
+             token: str | None) -> tuple[int, bytes]:
     conn = _connect(url, timeout)
     try:
-        conn.request(method, path, body=data, headers=dict(_HEADERS))
+        conn.request(method, path, body=data, headers=_headers(token))
         resp = conn.getresponse()
         return resp.status, resp.read()
     except OSError as e:
@@ -45,10 +44,11 @@ def _request(url: str, method: str, path: str, data: bytes | None,
         conn.close()
 
 
-def call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+def call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30.0,
+         token: str | None = None) -> dict:
     """One JSON request; returns the decoded answer or raises :class:`CallError`."""
     status, payload = _request(url, method, path,
-                               None if body is None else json.dumps(body).encode(), timeout)
+                               None if body is None else json.dumps(body).encode(), timeout, token)
     try:
         out = json.loads(payload or b"{}")
     except ValueError:
@@ -58,19 +58,20 @@ def call(url: str, method: str, path: str, body: dict | None = None, timeout: fl
     return out
 
 
-def get_bytes(url: str, path: str, timeout: float = 30.0) -> bytes:
+def get_bytes(url: str, path: str, timeout: float = 30.0, token: str | None = None) -> bytes:
     """GET ``path`` and return the body as it is; raises :class:`CallError` (with the status)."""
-    status, payload = _request(url, "GET", path, None, timeout)
+    status, payload = _request(url, "GET", path, None, timeout, token)
     if status >= 400:
         raise CallError(f"GET {path}: {status} {payload[:200]!r}", status)
     return payload
 
 
-def stream(url: str, path: str, body: dict, timeout: float = 300.0) -> Iterator[dict]:
+def stream(url: str, path: str, body: dict, timeout: float = 300.0,
+           token: str | None = None) -> Iterator[dict]:
     """POST ``body`` and yield each JSON line of a newline-delimited streaming answer."""
     conn = _connect(url, timeout)
     try:
-        conn.request("POST", path, body=json.dumps(body).encode(), headers=dict(_HEADERS))
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=_headers(token))
         resp = conn.getresponse()
         if resp.status >= 400:
             payload = resp.read()

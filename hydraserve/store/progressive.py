@@ -19,10 +19,11 @@ class RegionError(RuntimeError):
 
 
 def agent_call(agent_url: str, method: str, path: str, body: dict | None = None,
-               timeout: float = 30.0) -> dict:
-    """One JSON request to a storage agent; errors become :class:`RegionError`."""
+               timeout: float = 30.0, token: str | None = None) -> dict:
+    """One JSON request to a storage agent (``token``: the cluster token); errors become
+    :class:`RegionError`."""
     try:
-        return call(agent_url, method, path, body, timeout)
+        return call(agent_url, method, path, body, timeout, token)
     except CallError as e:
         raise RegionError(f"agent {e}") from None
 
@@ -31,7 +32,7 @@ class ProgressiveRegion:
     """A shared-memory region ``[u64 received][image]`` being filled by a storage agent."""
 
     def __init__(self, shm_name: str, offset: int, length: int, region_id: str | None = None,
-                 agent_url: str | None = None):
+                 agent_url: str | None = None, token: str | None = None):
         self.shm = shared_memory.SharedMemory(name=shm_name)
         # Python < 3.13 registers attached segments with this process's resource tracker, which
         # would unlink the agent's segment when we exit; the agent owns it.
@@ -41,6 +42,7 @@ class ProgressiveRegion:
             pass
         self.offset, self.length = offset, length
         self.region_id, self.agent_url = region_id, agent_url
+        self.token = token  # the cluster token of the agent's API, for the calls after attach
         self.data = self.shm.buf[offset + COUNTER:offset + COUNTER + length]
         self.cancelled = False  # set by another thread: the reader stops at its next wait
 
@@ -50,10 +52,13 @@ class ProgressiveRegion:
         self.cancelled = True
 
     @classmethod
-    def attach(cls, agent_url: str, spec: ImageSpec) -> "ProgressiveRegion":
-        """Order (or join) the fetch of ``spec`` on the agent and attach as a reader."""
-        d = agent_call(agent_url, "POST", "/attach", {**spec.to_dict(), "pid": os.getpid()})
-        return cls(d["shm"], d["offset"], d["length"], d["id"], agent_url)
+    def attach(cls, agent_url: str, spec: ImageSpec,
+               token: str | None = None) -> "ProgressiveRegion":
+        """Order (or join) the fetch of ``spec`` on the agent and attach as a reader
+        (``token``: the cluster token, sent with this call and the region's later ones)."""
+        d = agent_call(agent_url, "POST", "/attach", {**spec.to_dict(), "pid": os.getpid()},
+                       token=token)
+        return cls(d["shm"], d["offset"], d["length"], d["id"], agent_url, token)
 
     def received(self) -> int:
         return struct.unpack_from("<Q", self.shm.buf, self.offset)[0]
@@ -81,7 +86,8 @@ class ProgressiveRegion:
                 raise RegionError(f"no progress for {timeout:.0f} s at byte {got} of {self.length}")
             if self.agent_url and self.region_id and now - last_check > 1.0:
                 last_check = now
-                state = agent_call(self.agent_url, "GET", f"/regions/{self.region_id}")
+                state = agent_call(self.agent_url, "GET", f"/regions/{self.region_id}",
+                                   token=self.token)
                 if state["state"] == "failed":
                     raise RegionError(f"fetch failed: {state['error']}")
             time.sleep(delay)
@@ -97,6 +103,6 @@ class ProgressiveRegion:
         if release and self.agent_url and self.region_id:
             try:
                 agent_call(self.agent_url, "POST", "/release",
-                           {"id": self.region_id, "pid": os.getpid()})
+                           {"id": self.region_id, "pid": os.getpid()}, token=self.token)
             except RegionError:
                 pass  # the agent is gone; its exit freed the segment
