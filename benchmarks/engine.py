@@ -148,7 +148,8 @@ def main() -> None:
     ours = bench_ours(model, **common)
     kv = bench_kv_budget(model)
     peer = None
-    py = None if args.no_vllm else find_vllm_python(args.vllm_python)
+    py = None if args.no_vllm else find_vllm_python(
+        args.vllm_python or os.environ.get("HYDRASERVE_VLLM_PYTHON"))
     if py:
         peer = bench_vllm(py, model, **common)
     print(f"\nmachine: {machine()}")
