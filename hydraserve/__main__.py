@@ -1,0 +1,6 @@
+"""``python -m hydraserve``: the ``hydraserve`` command."""
+import sys
+
+from hydraserve.cli import main
+
+sys.exit(main())
