@@ -104,6 +104,15 @@ def test_tokenizer_ids_equal_transformers(converted, reference):
     assert gen["eos_token_id"] == tok.token_id("<|im_end|>") == 2
 
 
+def test_streamed_answers_equal_a_whole_decode(converted):
+    """The gateway's streaming detokenizer, on the default model's tokenizer, releases what
+    decoding all the ids after each one released."""
+    from hydraserve.tokenizer import Tokenizer
+    from tests.test_detok import assert_streams_like_a_whole_decode
+
+    assert_streams_like_a_whole_decode(Tokenizer.from_dir(converted))
+
+
 @pytest.mark.parametrize("p", [1, 3])
 def test_greedy_tokens_equal_transformers(converted, reference, p):
     import torch
