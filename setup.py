@@ -14,7 +14,7 @@ setup(
         # requirement here would pull a multi-GB CUDA build on a machine without it.
         "torch>=2.4",
         "safetensors>=0.4",
-        "tokenizers>=0.19",
+        "tokenizers>=0.21.1",
         "numpy>=1.24",
         "jinja2>=3.1",
         "pyyaml>=6.0",

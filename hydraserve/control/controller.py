@@ -157,7 +157,7 @@ class Controller:
     def model(self, name: str) -> Endpoint | None:
         return self.state.endpoints.get(name)
 
-    def instances(self) -> list[Instance]:
+    def list_instances(self) -> list[Instance]:
         return list(self.state.instances.values())
 
     def instance(self, iid: str) -> Instance | None:

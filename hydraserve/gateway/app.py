@@ -260,7 +260,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
     async def admin_instances(request: HTTPRequest):
         if not admin_ok(request):
             return _openai_error(401, "admin token required")
-        return {"instances": [i.describe() for i in gateway.controller.instances()],
+        return {"instances": [i.describe() for i in gateway.controller.list_instances()],
                 **gateway.controller.describe()}
 
     return app

@@ -16,7 +16,7 @@ RUN groupadd --gid 10001 hydraserve \
 # plus the Kubernetes client of the gateway's backend (the `kubernetes` extra).
 RUN pip install \
     "safetensors>=0.4" \
-    "tokenizers>=0.19" \
+    "tokenizers>=0.21.1" \
     "numpy>=1.24" \
     "jinja2>=3.1" \
     "pyyaml>=6.0" \

@@ -24,7 +24,7 @@ COPY setup.py README.md ./
 COPY hydraserve ./hydraserve
 RUN python3 -m pip install \
     "safetensors>=0.4" \
-    "tokenizers>=0.19" \
+    "tokenizers>=0.21.1" \
     "numpy>=1.24" \
     "jinja2>=3.1" \
     "pyyaml>=6.0" \
