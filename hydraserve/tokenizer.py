@@ -57,6 +57,11 @@ class Tokenizer:
         return self._template is not None
 
     @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` underneath (for incremental decoding)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 

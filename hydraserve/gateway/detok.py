@@ -25,7 +25,7 @@ class Detokenizer:
         # The tokenizers.Tokenizer the stream steps with. A decoder that rewrites text it gave
         # (byte fallback meeting an invalid sequence) makes the stream fail; from then on each
         # step decodes all the ids (see _step).
-        self._backend = tokenizer._tok
+        self._backend = tokenizer.backend
         self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
         self._chunk = 0  # ids[_chunk:_pending] gave the last chunk of committed text
