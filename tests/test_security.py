@@ -15,6 +15,7 @@ from hydraserve.cli import build_parser
 from hydraserve.cluster.base import WorkerSpec
 from hydraserve.cluster.local import LocalCluster
 from hydraserve.config import ClusterConfig, ScaleConfig, ServerConfig
+from hydraserve.protocol import GenerateRequest
 from hydraserve.store.launch import ServerProcess
 
 pytestmark = pytest.mark.multiprocess
@@ -64,8 +65,8 @@ def test_cluster_token_is_required_and_sent(tmp_path, model_dirs, monkeypatch):
             await cluster.start_worker(spec)
             worker = await cluster.wait_worker("w0", 120)
             await worker.init([])
-            body = {"prompt_ids": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
-            out = [item async for item in worker.generate(body)]
+            body = GenerateRequest([5, 6, 7], {"max_tokens": 3, "ignore_eos": True})
+            out = [ev.to_json() async for ev in worker.generate(body)]
             await cluster.aclose()
             return out, worker.url
 

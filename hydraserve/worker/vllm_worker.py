@@ -14,7 +14,8 @@ scripts treat it like any p = 1 worker) and starts the way a stock vLLM containe
 
 The image *is* a safetensors file (header + tensors under their checkpoint names), so the folder
 is an ordinary Hugging Face model folder. vLLM runs in the Python given by ``--vllm-python``
-(or HYDRASERVE_VLLM_PYTHON), so it can live in its own virtual environment.
+(or HYDRASERVE_VLLM_PYTHON, which the command line reads), so it can live in its own virtual
+environment.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from hydraserve.httpjson import CallError, call, get_bytes
 from hydraserve.store.image import SIDE_FILES, ImageKind, ImageSpec
 from hydraserve.store.progressive import ProgressiveRegion
+from hydraserve.protocol import Phase, WorkerHealth
 from hydraserve.worker.timeline import Timeline
 
 log = logging.getLogger("hydraserve.worker")
@@ -61,14 +63,13 @@ def has_vllm(python: str) -> bool:
 
 
 def find_vllm_python(given: str | None = None) -> str | None:
-    """A Python interpreter that can import vllm: ``given``, else HYDRASERVE_VLLM_PYTHON, else
-    this one, else the README's separate environment; None if there is none."""
+    """A Python interpreter that can import vllm: ``given`` (the command line passes
+    --vllm-python, else HYDRASERVE_VLLM_PYTHON), else this one, else the README's separate
+    environment; None if there is none."""
     if given:
         return given if has_vllm(given) else None
-    env = os.environ.get("HYDRASERVE_VLLM_PYTHON")
-    cands = [env] if env else [sys.executable, DEFAULT_VLLM_VENV_PYTHON]
-    for py in cands:
-        if py and Path(py).exists() and has_vllm(py):
+    for py in (sys.executable, DEFAULT_VLLM_VENV_PYTHON):
+        if Path(py).exists() and has_vllm(py):
             return py
     return None
 
@@ -79,7 +80,7 @@ class VLLMWorker:
     def __init__(self, args: argparse.Namespace, timeline: Timeline):
         self.args, self.timeline = args, timeline
         self.wid = args.worker_id or f"{args.model}-r0"
-        self.state = "loading"
+        self.state = Phase.LOADING
         self.error: str | None = None
         self.ready = threading.Event()  # set when vLLM serves, or when the start failed
         self.proc: subprocess.Popen | None = None
@@ -90,12 +91,12 @@ class VLLMWorker:
         self._stopped = False
         self._lock = threading.Lock()
 
-    def describe(self) -> dict:
-        return {"worker_id": self.wid, "model": self.args.model, "engine": "vllm", "rank": 0,
-                "p": 1, "state": self.state, "error": self.error, "standalone": True,
-                "stage_port": 0, "pid": os.getpid(), "vllm_url": self.vllm_url,
-                "vllm_pid": self.proc.pid if self.proc else None,
-                "vllm_load_s": self.vllm_load_s, "timeline": self.timeline.as_dict()}
+    def health(self) -> WorkerHealth:
+        return WorkerHealth(self.state, self.wid, self.error, 0, True, self.timeline.as_dict(),
+                            extra={"model": self.args.model, "engine": "vllm", "rank": 0, "p": 1,
+                                   "pid": os.getpid(), "vllm_url": self.vllm_url,
+                                   "vllm_pid": self.proc.pid if self.proc else None,
+                                   "vllm_load_s": self.vllm_load_s})
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,19 +107,21 @@ class VLLMWorker:
             self._fetch()
             self._launch()
             self._wait_healthy()
-            self.state = "ready"
+            self.state = Phase.READY
             self.timeline.mark("engine_ready")
         except Exception as e:  # noqa: BLE001 - reported through /health and to callers
             if not self._stopped:
                 log.error("worker %s: vLLM start failed: %s", self.wid, e)
-                self.state, self.error = "failed", f"vLLM start failed: {e}"
+                self.state, self.error = Phase.FAILED, f"vLLM start failed: {e}"
         finally:
             self.ready.set()
+            self.timeline.notify()
 
     def _fetch(self) -> None:
         """The node-local download: the full image to DIR/model.safetensors, as bytes arrive."""
+        token = self.args.cluster_token  # the agent's and the store's
         region = ProgressiveRegion.attach(self.args.agent, ImageSpec(self.args.model,
-                                                                     ImageKind.FULL))
+                                                                     ImageKind.FULL), token=token)
         self.timeline.mark("attached")
         try:
             with open(self.dir / "model.safetensors", "wb") as f:
@@ -130,10 +133,11 @@ class VLLMWorker:
                     off = end
         finally:
             region.close()
-        remote = call(self.args.agent, "GET", "/health")["remote"]
+        remote = call(self.args.agent, "GET", "/health", token=token)["remote"]
         for name in SIDE_FILES:
             try:
-                body = get_bytes(remote, f"/models/{self.args.model}/files/{name}")
+                body = get_bytes(remote, f"/models/{self.args.model}/files/{name}",
+                                 token=token)
             except CallError as e:
                 if e.status == 404:
                     continue
@@ -196,7 +200,8 @@ class VLLMWorker:
                 return
             self._stopped = True
             proc = self.proc
-        self.state = "stopped"
+        self.state = Phase.STOPPED
+        self.timeline.notify()
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)  # the group we created for it
@@ -252,7 +257,7 @@ def make_app(worker: VLLMWorker):
     from aiohttp import web
 
     from hydraserve.store.server import json_error
-    from hydraserve.worker.routes import add_control_routes
+    from hydraserve.worker.routes import add_control_routes, wait_query
 
     app = web.Application()
 
@@ -265,11 +270,14 @@ def make_app(worker: VLLMWorker):
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
 
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response(worker.describe())
+    async def health(request: web.Request) -> web.Response:
+        event, timeout = wait_query(request)
+        if event:
+            await worker.timeline.wait(event, timeout, lambda: worker.health().ended)
+        return web.json_response(worker.health().to_json())
 
     async def init(_: web.Request) -> web.Response:
-        return web.json_response(worker.describe())  # p = 1: no ring to join
+        return web.json_response(worker.health().to_json())  # p = 1: no ring to join
 
     async def generate(request: web.Request) -> web.StreamResponse:
         try:
@@ -282,8 +290,8 @@ def make_app(worker: VLLMWorker):
         loop = asyncio.get_running_loop()
         if not worker.ready.is_set():
             await loop.run_in_executor(None, worker.ready.wait)
-        if worker.state != "ready":
-            return json_error(503, worker.error or f"worker is {worker.state}")
+        if worker.state is not Phase.READY:
+            return json_error(503, worker.error or f"worker is {worker.state.value}")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
