@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hydraserve.cluster import k8s_render as render
 from hydraserve.cluster import kubernetes as kube
 from hydraserve.cluster.base import WorkerSpec
 from hydraserve.config import (ClusterConfig, ConfigError, KubernetesConfig, ScaleConfig,
@@ -56,18 +57,18 @@ def test_servers_come_from_labelled_nodes():
                        "hydraserve.io/gpu-memory-gb": "24"}),
         node("plain", {}, {"nvidia.com/gpu": "8"}),  # not labelled: not a server
     ]
-    servers, share = kube.servers_from_nodes(nodes, k)
+    servers, share = render.servers_from_nodes(nodes, k)
     assert share is True and [s.name for s in servers] == ["a10-1", "cpu-0"]
     assert servers[0].gpus == pytest.approx((23028 * 2**20 / 1e9,) * 4)
     assert (servers[0].nic_gbps, servers[0].cache_gb) == (64.0, 100.0)
     assert servers[1].gpus == (24.0,) and servers[1].nic_gbps == k.default_nic_gbps
     with pytest.raises(ConfigError, match="a10-9.*GPUs are unknown"):
-        kube.servers_from_nodes([node("a10-9", {"hydraserve.io/share": "0"})], k)
+        render.servers_from_nodes([node("a10-9", {"hydraserve.io/share": "0"})], k)
     with pytest.raises(ConfigError, match="disagree"):
-        kube.servers_from_nodes(nodes[:2] + [node("x", {"hydraserve.io/share": "0",
+        render.servers_from_nodes(nodes[:2] + [node("x", {"hydraserve.io/share": "0",
                                                         "hydraserve.io/gpus": "1",
                                                         "hydraserve.io/gpu-memory-gb": "8"})], k)
-    assert kube.servers_from_nodes(nodes[2:], k) == ((), None)
+    assert render.servers_from_nodes(nodes[2:], k) == ((), None)
 
 
 @pytest.mark.parametrize("share,engine,kcfg,claim", [
@@ -81,12 +82,12 @@ def test_worker_pods_are_valid_and_claim_their_gpu(share, engine, kcfg, claim):
     from hydraserve.cli import build_parser
 
     spec = dataclasses.replace(SPEC, engine=engine, vllm_python="/somewhere/python")
-    pod = kube.worker_pod(spec, kcfg, "http://10.0.0.7:8101", share, run="a1b2c3")
+    pod = render.worker_pod(spec, kcfg, "http://10.0.0.7:8101", share, run="a1b2c3")
     kubernetes_validate.validate(pod, "1.33", strict=True)
     meta, c = pod["metadata"], pod["spec"]["containers"][0]
     assert meta["name"] == "hs-llama-2-7b-chat-12-r1-a1b2c3"
-    assert meta["labels"][kube.WORKER_ID] == "Llama_2-7B.chat-12-r1"
-    assert meta["labels"][kube.GATEWAY] == "hydraserve" and meta["labels"][kube.RANK] == "1"
+    assert meta["labels"][render.WORKER_ID] == "Llama_2-7B.chat-12-r1"
+    assert meta["labels"][render.GATEWAY] == "hydraserve" and meta["labels"][render.RANK] == "1"
     assert pod["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
         "matchFields"] == [{"key": "metadata.name", "operator": "In", "values": ["gpu-3"]}]
@@ -104,10 +105,10 @@ def test_worker_pods_are_valid_and_claim_their_gpu(share, engine, kcfg, claim):
 
 def test_pod_names_and_label_values_are_always_valid():
     for wid in ("a", "A" * 200, "m_1.x-0-r0", "--x--", "é-model-r0"):
-        name = kube.pod_name(wid, "abc123")
+        name = render.pod_name(wid, "abc123")
         assert len(name) <= 63 and name.startswith("hs-") and name.endswith("-abc123")
         assert all(ch.isalnum() and ch.islower() or ch.isdigit() or ch == "-" for ch in name)
-        v = kube.label_value(wid)
+        v = render.label_value(wid)
         assert 1 <= len(v) <= 63 and v[0].isalnum() and v[-1].isalnum()
 
 
@@ -187,7 +188,7 @@ def test_the_watch_relists_after_410_and_orphans_are_deleted(fake, tmp_path, mod
     start_hydraserve(fake, CFG, str(tmp_path / "models"))
     # a worker pod of a gateway that crashed, and one of another gateway
     for gw in ("hydraserve", "other"):
-        pod = kube.worker_pod(dataclasses.replace(SPEC, node="n0", device="cpu"),
+        pod = render.worker_pod(dataclasses.replace(SPEC, node="n0", device="cpu"),
                               dataclasses.replace(CFG.kubernetes, gateway_name=gw),
                               "http://127.0.0.1:9", True, run=gw)
         pod["spec"]["containers"][0]["command"] = ["sleep", "60"]
@@ -199,9 +200,9 @@ def test_the_watch_relists_after_410_and_orphans_are_deleted(fake, tmp_path, mod
     try:
         backend.start()
         names = lambda: sorted(p["metadata"]["name"] for p in fake.call(fake.pods)  # noqa: E731
-                               if p["metadata"]["labels"].get(kube.COMPONENT) == "worker"
+                               if p["metadata"]["labels"].get(render.COMPONENT) == "worker"
                                and not p["metadata"].get("deletionTimestamp"))
-        assert names() == [kube.pod_name(SPEC.worker_id, "other")]
+        assert names() == [render.pod_name(SPEC.worker_id, "other")]
         assert sorted(backend.agent_urls()) == ["n0", "n1", "n2"]
         # compaction: the next watch gets 410 Gone; the backend lists again and sees an agent
         # that was replaced meanwhile (a new pod, a new address)
@@ -274,7 +275,7 @@ def _admin(url: str, path: str) -> dict:
 
 def _worker_pods(fake) -> list[dict]:
     return [p for p in fake.call(fake.pods)
-            if p["metadata"]["labels"].get(kube.COMPONENT) == "worker"]
+            if p["metadata"]["labels"].get(render.COMPONENT) == "worker"]
 
 
 @pytest.mark.multiprocess
@@ -287,9 +288,9 @@ def test_a_cold_start_pipeline_consolidation_and_scale_to_zero_through_pods(kube
     created = {}  # every worker pod the gateway created, from the API's event history
     for _, kind, event, obj in fake.call(lambda: list(fake.history)):
         if kind == "pods" and event == "ADDED" and \
-                obj["metadata"]["labels"].get(kube.COMPONENT) == "worker":
+                obj["metadata"]["labels"].get(render.COMPONENT) == "worker":
             created[obj["metadata"]["name"]] = obj
-    assert sorted(p["metadata"]["labels"][kube.RANK] for p in created.values()) == ["0", "1"]
+    assert sorted(p["metadata"]["labels"][render.RANK] for p in created.values()) == ["0", "1"]
     assert len({p["spec"]["nodeName"] for p in created.values()}) == 2  # two servers' NICs
     assert all(p["spec"]["containers"][0]["resources"]["limits"]["aliyun.com/gpu-mem"]
                for p in created.values())
@@ -354,7 +355,7 @@ def test_a_worker_pod_killed_mid_stream_the_stream_continues(kube_gateway):
         chunks += 1
         if chunks == 3:
             pod = next(p for p in _worker_pods(fake)
-                       if p["metadata"]["labels"][kube.MODEL] == "small")
+                       if p["metadata"]["labels"][render.MODEL] == "small")
             killed = pod["metadata"]["name"]
             fake.kill_pod_process(pod["metadata"]["namespace"], killed)
     conn.close()

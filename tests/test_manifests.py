@@ -19,7 +19,7 @@ import yaml
 
 from hydraserve.cli import build_parser
 from hydraserve.cluster.base import WorkerSpec, worker_args
-from hydraserve.cluster.kubernetes import TOKEN_ENV, worker_pod
+from hydraserve.cluster.k8s_render import TOKEN_ENV, worker_pod
 from hydraserve.config import KubernetesConfig
 from hydraserve.config import cluster_from_dict, models_from_dict
 

@@ -4,22 +4,16 @@ What it expects in its namespace (scripts/kubernetes/manifests ships it): the mo
 (Deployment + Service), a storage agent on every HydraServe node (DaemonSet; the agent and the
 workers share the host's IPC and PID namespaces, so a worker maps the agent's shared-memory
 regions and the agent sees which reader processes are alive), and nodes labelled by
-scripts/kubernetes/label_nodes.py:
+scripts/kubernetes/label_nodes.py (the labels: hydraserve.cluster.k8s_render).
 
-    hydraserve.io/share      "1": GPUs shared by memory, "0": exclusive (a node is a server iff
-                             it carries this label)
-    hydraserve.io/nic-gbps   its NIC bandwidth (default: KubernetesConfig.default_nic_gbps)
-    hydraserve.io/cache-gb   its host-memory model cache
-    GPUs: capacity nvidia.com/gpu and NVIDIA feature discovery's nvidia.com/gpu.memory (MiB),
-    or hydraserve.io/gpus and hydraserve.io/gpu-memory-gb where feature discovery is absent.
-
-A worker pod runs ``hydraserve worker`` with the same arguments as a local worker process,
-bound to its pod IP, pinned to the chosen node by a required node affinity, and claims its GPU
-share as an extended resource (``gpu_resource`` for exclusive GPUs, ``share_resource`` in units
-of ``share_unit_gb`` for GPUs shared by memory). One watch on the namespace's HydraServe pods
-keeps the backend's view current (a 410 Gone relists); a worker is ready when its pod is Ready
-(its readiness probe is the worker's /health) and its control API answers. Worker pods carry
-this gateway's name as a label, and those left by a gateway that crashed are deleted at start.
+A worker pod (`k8s_render.worker_pod`) runs ``hydraserve worker`` with the same arguments as a
+local worker process, bound to its pod IP, pinned to the chosen node by a required node
+affinity, and claims its GPU share as an extended resource (``gpu_resource`` for exclusive GPUs,
+``share_resource`` in units of ``share_unit_gb`` for GPUs shared by memory). One watch on the
+namespace's HydraServe pods keeps the backend's view current (a 410 Gone relists); a worker is
+ready when its pod is Ready (its readiness probe is the worker's /health) and its control API
+answers. Worker pods carry this gateway's name as a label, and those left by a gateway that
+crashed are deleted at start.
 """
 from __future__ import annotations
 
@@ -27,160 +21,23 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
-import re
 import secrets
 import threading
 import time
 
-from hydraserve.cluster.base import WorkerError, WorkerSpec, worker_args
+from hydraserve.cluster.base import WorkerError, WorkerSpec
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
+from hydraserve.cluster.k8s_render import (COMPONENT, GATEWAY, NODE_SHARE, PART_OF, component,
+                                           label_value, pod_phase, pod_problem, pod_ready,
+                                           servers_from_nodes, worker_pod)
 from hydraserve.config import ClusterConfig, ConfigError, KubernetesConfig, ServerConfig
 
 log = logging.getLogger("hydraserve.cluster")
-
-PART_OF = "app.kubernetes.io/part-of"
-COMPONENT = "app.kubernetes.io/component"
-GATEWAY = "hydraserve.io/gateway"
-WORKER_ID = "hydraserve.io/worker-id"
-MODEL = "hydraserve.io/model"
-RANK = "hydraserve.io/rank"
-NODE_SHARE = "hydraserve.io/share"
-NODE_NIC = "hydraserve.io/nic-gbps"
-NODE_CACHE = "hydraserve.io/cache-gb"
-NODE_GPUS = "hydraserve.io/gpus"
-NODE_GPU_MEMORY = "hydraserve.io/gpu-memory-gb"
-GFD_GPU_MEMORY = "nvidia.com/gpu.memory"  # MiB per GPU (NVIDIA GPU feature discovery)
-GPU_CAPACITY = "nvidia.com/gpu"
 
 # every (resource, verb) this backend calls; the Role in scripts/kubernetes/manifests/rbac.yaml
 # grants exactly these (plus nodes/patch, for label_nodes.py), and a test holds them equal
 VERBS = frozenset({("nodes", "list"), ("pods", "create"), ("pods", "get"), ("pods", "list"),
                    ("pods", "watch"), ("pods", "delete"), ("pods/log", "get")})
-
-
-# the optional cluster token (hydraserve.cli.CLUSTER_TOKEN_ENV) from the Secret the manifests name
-TOKEN_ENV = {"name": "HYDRASERVE_CLUSTER_TOKEN", "valueFrom": {"secretKeyRef": {
-    "name": "hydraserve-cluster-token", "key": "token", "optional": True}}}
-
-
-def label_value(s: str) -> str:
-    """``s`` as a label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
-    v = re.sub(r"[^A-Za-z0-9._-]", "-", s)[:63].strip("._-")
-    return v or "x"
-
-
-def pod_name(worker_id: str, run: str) -> str:
-    """The pod of a worker: ``hs-<id>-<run>`` as a DNS label (at most 63 characters); ``run``
-    tells one gateway's workers from an earlier one's, whose pods may still be terminating."""
-    v = re.sub(r"[^a-z0-9-]", "-", worker_id.lower())[:63 - 4 - len(run)].strip("-")
-    return f"hs-{v}-{run}"
-
-
-def servers_from_nodes(nodes: list[dict], kcfg: KubernetesConfig) -> tuple[
-        tuple[ServerConfig, ...], bool | None]:
-    """The servers of a cluster (nodes carrying the share label) and its sharing mode (None
-    where no node is labelled); a node whose GPUs cannot be read is an error naming it."""
-    servers, modes = [], set()
-    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
-        name = node["metadata"]["name"]
-        labels = node["metadata"].get("labels") or {}
-        if NODE_SHARE not in labels:
-            continue
-        modes.add(labels[NODE_SHARE] == "1")
-        capacity = (node.get("status") or {}).get("capacity") or {}
-        try:
-            count = int(labels.get(NODE_GPUS) or capacity.get(GPU_CAPACITY) or 0)
-            if NODE_GPU_MEMORY in labels:
-                memory = float(labels[NODE_GPU_MEMORY])
-            elif GFD_GPU_MEMORY in labels:
-                memory = float(labels[GFD_GPU_MEMORY]) * 2**20 / 1e9
-            else:
-                memory = 0.0
-            nic = float(labels.get(NODE_NIC, kcfg.default_nic_gbps))
-            cache = float(labels.get(NODE_CACHE, 0.0))
-        except ValueError as e:
-            raise ConfigError(f"node {name}: a hydraserve label is not a number ({e})") from None
-        if count <= 0 or memory <= 0:
-            raise ConfigError(
-                f"node {name} is labelled {NODE_SHARE} but its GPUs are unknown: it needs "
-                f"capacity {GPU_CAPACITY} (or label {NODE_GPUS}) and label {GFD_GPU_MEMORY} "
-                f"(or {NODE_GPU_MEMORY}); see scripts/kubernetes/label_nodes.py")
-        servers.append(ServerConfig(name=name, gpus=(memory,) * count, nic_gbps=nic,
-                                    cache_gb=cache))
-    if len(modes) > 1:
-        raise ConfigError(f"nodes disagree on {NODE_SHARE} (some 0, some 1): label them all "
-                          "for one experiment (SHARE=0|1 scripts/kubernetes/label_nodes.py)")
-    return tuple(servers), (modes.pop() if modes else None)
-
-
-def worker_pod(spec: WorkerSpec, kcfg: KubernetesConfig, agent_url: str, share: bool,
-               run: str = "0") -> dict:
-    """The pod that runs ``spec``: the local backend's worker command, bound to the pod's IP,
-    pinned to ``spec.node``, claiming its GPU share."""
-    if spec.engine == "vllm":  # the image's own Python has vLLM
-        args = worker_args(dataclasses.replace(spec, vllm_python=None), agent_url)
-    else:
-        args = worker_args(spec, agent_url)
-    args += ["--host", "$(POD_IP)", "--port", str(kcfg.worker_port),
-             "--stage-port", str(kcfg.stage_port)]
-    limits: dict[str, str] = {}
-    if share and kcfg.share_resource:
-        gb = spec.gpu_memory_gb or kcfg.share_unit_gb
-        limits[kcfg.share_resource] = str(max(1, math.ceil(gb / kcfg.share_unit_gb - 1e-9)))
-    elif not share and kcfg.gpu_resource:
-        limits[kcfg.gpu_resource] = "1"
-    container = {
-        "name": "worker",
-        "image": kcfg.vllm_image if spec.engine == "vllm" else kcfg.worker_image,
-        "imagePullPolicy": kcfg.image_pull_policy,
-        "command": ["hydraserve"],
-        "args": args,
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                TOKEN_ENV],
-        "ports": [{"name": "http", "containerPort": kcfg.worker_port},
-                  {"name": "stage", "containerPort": kcfg.stage_port}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
-                           "periodSeconds": 1, "failureThreshold": 3},
-        "volumeMounts": [{"name": "dev-shm", "mountPath": "/dev/shm"}],
-    }
-    if limits:
-        container["resources"] = {"limits": limits}
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod_name(spec.worker_id, run), "labels": {
-            PART_OF: "hydraserve", COMPONENT: "worker", GATEWAY: label_value(kcfg.gateway_name),
-            WORKER_ID: label_value(spec.worker_id), MODEL: label_value(spec.model),
-            RANK: str(spec.rank)}},
-        "spec": {
-            "restartPolicy": "Never",
-            "hostIPC": True,
-            "hostPID": True,
-            "automountServiceAccountToken": False,
-            # the agent's user: a shared-memory region is readable by its owner only
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001},
-            "terminationGracePeriodSeconds": kcfg.grace_period_s,
-            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchFields": [
-                    {"key": "metadata.name", "operator": "In", "values": [spec.node]}]}]}}},
-            # GPU nodes are often tainted for GPU workloads only
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                             "effect": "NoSchedule"}],
-            "containers": [container],
-            "volumes": [{"name": "dev-shm", "hostPath": {"path": "/dev/shm",
-                                                         "type": "Directory"}}],
-        },
-    }
-
-
-def _ready(pod: dict) -> bool:
-    conds = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds) \
-        and bool(pod["status"].get("podIP")) and not pod["metadata"].get("deletionTimestamp")
-
-
-def _phase(pod: dict) -> str:
-    return (pod.get("status") or {}).get("phase") or "Pending"
 
 
 class KubernetesCluster(HttpServices):
@@ -304,16 +161,14 @@ class KubernetesCluster(HttpServices):
 
     def _agent(self, node: str) -> dict | None:
         for pod in self._pods.values():
-            labels = pod["metadata"].get("labels") or {}
-            if labels.get(COMPONENT) == "storage-agent" and \
-                    pod["spec"].get("nodeName") == node and _ready(pod):
+            if component(pod) == "storage-agent" and pod["spec"].get("nodeName") == node \
+                    and pod_ready(pod):
                 return pod
         return None
 
     def _store_pod_url(self) -> str | None:
         for pod in self._pods.values():
-            if (pod["metadata"].get("labels") or {}).get(COMPONENT) == "model-store" \
-                    and _ready(pod):
+            if component(pod) == "model-store" and pod_ready(pod):
                 return f"http://{pod['status']['podIP']}:8100"
         return None
 
@@ -384,9 +239,9 @@ class KubernetesCluster(HttpServices):
         with self._cv:
             while True:
                 pod = self._pods.get(name)
-                if pod is not None and _ready(pod):
+                if pod is not None and pod_ready(pod):
                     return pod["status"]["podIP"]
-                if pod is not None and _phase(pod) in ("Failed", "Succeeded"):
+                if pod is not None and pod_phase(pod) in ("Failed", "Succeeded"):
                     break
                 if pod is None and name in self._ever:
                     break  # deleted
@@ -397,19 +252,9 @@ class KubernetesCluster(HttpServices):
         raise WorkerError(self._why(name, pod, timeout), 503)
 
     def _why(self, name: str, pod: dict | None, timeout: float) -> str:
+        what = pod_problem(name, pod, timeout)
         if pod is None:
-            return f"pod {name} was deleted before it was ready"
-        status = pod.get("status") or {}
-        what = f"pod {name} is {_phase(pod)}"
-        for c in status.get("conditions") or []:
-            if c.get("status") == "False" and c.get("message"):
-                what += f" ({c['type']}: {c.get('reason')}: {c['message']})"
-        for cs in status.get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated")
-            if term:
-                what += f", its container exited with code {term.get('exitCode')}"
-        if _phase(pod) not in ("Failed", "Succeeded"):
-            what += f", not ready after {timeout:.0f} s"
+            return what
         try:
             tail = self.core.read_namespaced_pod_log(name, self.ns, tail_lines=20,
                                                      _request_timeout=10)
@@ -428,7 +273,7 @@ class KubernetesCluster(HttpServices):
             if pod is None:  # created, and the watch has not shown it yet: Pending
                 return name not in self._ever
         return not pod["metadata"].get("deletionTimestamp") and \
-            _phase(pod) in ("Pending", "Running")
+            pod_phase(pod) in ("Pending", "Running")
 
     async def stop_worker(self, worker_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._stop_worker, worker_id)
@@ -465,8 +310,7 @@ class KubernetesCluster(HttpServices):
             name = self._workers.pop(wid)
             self._delete(name)
         with self._cv:
-            names = [n for n, p in self._pods.items()
-                     if (p["metadata"].get("labels") or {}).get(COMPONENT) == "worker"]
+            names = [n for n, p in self._pods.items() if component(p) == "worker"]
         for name in names:
             self._wait_gone(name, self.kcfg.grace_period_s + 10)
         self._closing.set()
