@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Protocol
 
 from hydraserve.config import ServerConfig
-from hydraserve.protocol import WorkerSpec, worker_args  # noqa: F401 - re-exported
+from hydraserve.protocol import (ErrorEvent, GenerateRequest, Peer, TokenEvent, WorkerHealth,
+                                 WorkerSpec, worker_args)  # noqa: F401 - the last two re-exported
 
 
 class WorkerError(RuntimeError):
@@ -18,21 +20,24 @@ class WorkerError(RuntimeError):
 
 
 class WorkerClient(Protocol):
-    """One started worker's control API, the only way the control plane reaches a worker.
+    """One started worker's control API, the only way the control plane reaches a worker; it
+    speaks the messages of `hydraserve.protocol`.
 
-    ``health`` answers ``{"stage_port", "timeline": {event: s}, "standalone", "state",
-    "error"}``; ``generate`` yields ``{"token_id", "finish_reason"}`` items, or one
-    ``{"error"}`` item when generation fails mid-stream, and raises `WorkerError` when the
-    worker refuses the request."""
+    ``generate`` yields `TokenEvent` items, or one `ErrorEvent` when generation fails
+    mid-stream, and raises `WorkerError` when the worker refuses the request; ``wait_for``
+    returns once an event is on the worker's timeline, the worker ended, or the timeout
+    passed (a long-poll: the control plane learns of it when it happens)."""
 
     host: str  # where its stage port listens (peers connect there)
     url: str | None  # its control API (None where it has none, as in the simulator)
 
-    async def health(self) -> dict: ...
+    async def health(self) -> WorkerHealth: ...
 
-    async def init(self, peers: list[dict]) -> None: ...
+    async def wait_for(self, event: str, timeout: float) -> WorkerHealth: ...
 
-    def generate(self, body: dict) -> AsyncIterator[dict]: ...
+    async def init(self, peers: list[Peer]) -> None: ...
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent | ErrorEvent]: ...
 
     async def consolidate(self) -> None: ...
 
@@ -61,6 +66,18 @@ class ClusterBackend(Protocol):
 
     def unregister_model(self, name: str) -> None: ...
 
+    def model_size_gb(self, name: str) -> float:
+        """The registered model's weights, in the cluster's GB (see `ScaleConfig`): what a
+        worker holding the whole model claims."""
+
+    def gpu_budgets(self) -> dict[str, list[float]]:
+        """Each node's GPU memory, per GPU in the cluster's GB, that the control plane may
+        claim: the configured budgets less what the backend itself holds there."""
+
+    def warm_pool(self) -> dict[str, dict[str, int]]:
+        """Each node's idle pre-started runtimes, ``{"idle": n, "imported": m}`` (those whose
+        imports are done), for operators; {} for a backend without a pool."""
+
     async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
         """The decoder layers [start, end) of each of the p stages of ``model``."""
 
@@ -84,3 +101,9 @@ class ClusterBackend(Protocol):
     def worker_alive(self, worker_id: str) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+def model_weights_gb(path: str | Path, size_scale: float) -> float:
+    """The safetensors weights in the model folder ``path``, in the cluster's GB."""
+    nbytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return nbytes * size_scale / 1e9

@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 
-from hydraserve.cluster.base import WorkerError, WorkerSpec
+from hydraserve.cluster.base import WorkerError, WorkerSpec, model_weights_gb
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
 from hydraserve.cluster.k8s_render import (COMPONENT, GATEWAY, NODE_SHARE, PART_OF, component,
                                            label_value, pod_phase, pod_problem, pod_ready,
@@ -61,6 +61,7 @@ class KubernetesCluster(HttpServices):
         self._watch = None
         self._thread: threading.Thread | None = None
         self._workers: dict[str, str] = {}  # worker id -> pod name
+        self._models: dict[str, str] = {}  # name -> its folder as the gateway mounts it
         self._run = secrets.token_hex(3)
         nodes = self._raw(self.core.list_node)["items"]
         self._servers, share = servers_from_nodes(nodes, self.kcfg)
@@ -203,9 +204,20 @@ class KubernetesCluster(HttpServices):
         """Models live in the store's volume, under their names; the gateway reads the same
         files at ``path`` (its own mount of that volume) for the tokenizer and sizes."""
         log.info("model %s: the store serves it from its volume as %r", name, name)
+        self._models[name] = path
 
     def unregister_model(self, name: str) -> None:
-        pass
+        self._models.pop(name, None)
+
+    def model_size_gb(self, name: str) -> float:
+        return model_weights_gb(self._models[name], self.cfg.scale.size_scale)
+
+    def gpu_budgets(self) -> dict[str, list[float]]:
+        """The nodes' GPUs as their labels give them (nothing of this backend stays on them)."""
+        return {s.name: list(s.gpus) for s in self._servers}
+
+    def warm_pool(self) -> dict[str, dict[str, int]]:
+        return {}
 
     # -- workers -----------------------------------------------------------------------------
     async def start_worker(self, spec: WorkerSpec) -> None:

@@ -8,7 +8,7 @@ the control plane find it where it was; the shared memory a dead agent left is f
 
 With ``warm_runtimes: N`` each server keeps N pre-started runtimes (``hydraserve runtime``:
 torch, the engine and the HTTP stack imported, on CUDA the context made). A worker start adopts
-one (its arguments go down the runtime's stdin; nothing forks) and a replacement is started at
+one (its spec goes down the runtime's stdin; nothing forks) and a replacement is started at
 once, importing at the idle CPU priority so that it never slows the cold start in progress. A
 runtime found dead is discarded and replaced; with none left, a worker starts the ordinary way.
 """
@@ -24,14 +24,16 @@ import tempfile
 import threading
 from pathlib import Path
 
-from hydraserve.cluster.base import WorkerSpec, worker_args
+from hydraserve.cluster.base import WorkerSpec, model_weights_gb, worker_args
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
-from hydraserve.protocol import RUNTIME_READY
+from hydraserve.protocol import RUNTIME_READY, RuntimeAssignment
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.agent import SHM_PREFIX
 from hydraserve.store.launch import ServerProcess
 
 log = logging.getLogger("hydraserve.cluster")
+
+RUNTIME_CONTEXT_GB = 0.5  # real GB a pooled runtime's CUDA context holds on its GPU
 
 
 class LocalCluster(HttpServices):
@@ -107,8 +109,8 @@ class LocalCluster(HttpServices):
         except (OSError, ValueError):  # closed: it was stopped
             pass
 
-    def _adopt(self, node: str, args: list[str]) -> ServerProcess | None:
-        """A pooled runtime of ``node`` that took ``args``, or None when none is alive."""
+    def _adopt(self, node: str, job: RuntimeAssignment) -> ServerProcess | None:
+        """A pooled runtime of ``node`` that took ``job``, or None when none is alive."""
         while True:
             with self._lock:
                 if not self._pool.get(node):
@@ -116,7 +118,7 @@ class LocalCluster(HttpServices):
                 proc = self._pool[node].pop(0)
             if proc.proc.poll() is None:
                 try:
-                    proc.proc.stdin.write(json.dumps(args) + "\n")
+                    proc.proc.stdin.write(json.dumps(job.to_json()) + "\n")
                     proc.proc.stdin.flush()
                 except OSError:  # it died between the check and the write
                     pass
@@ -134,6 +136,19 @@ class LocalCluster(HttpServices):
     def _refill(self, node: str) -> None:
         threading.Thread(target=self._add_runtime, args=(node,), daemon=True,
                          name=f"refill-{node}").start()
+
+    def warm_pool(self) -> dict[str, dict[str, int]]:
+        idle, imported = self.pool(), self.pool(imported=True)
+        return {node: {"idle": len(pids), "imported": len(imported[node])}
+                for node, pids in idle.items()}
+
+    def gpu_budgets(self) -> dict[str, list[float]]:
+        """The servers' GPU budgets less what the warm runtimes hold: on CUDA, each pooled
+        runtime's context on the first GPU of its server; on CPU nothing."""
+        held = self.cfg.warm_runtimes * RUNTIME_CONTEXT_GB * self.cfg.scale.size_scale \
+            if self.cfg.device == "cuda" else 0.0
+        return {s.name: [max(0.0, g - held) if i == 0 else g for i, g in enumerate(s.gpus)]
+                for s in self.cfg.servers}
 
     def pool(self, imported: bool = False) -> dict[str, list[int]]:
         """The pids of each server's idle pooled runtimes that are alive (``imported``: and
@@ -203,6 +218,9 @@ class LocalCluster(HttpServices):
         if link.is_symlink():
             link.unlink()
 
+    def model_size_gb(self, name: str) -> float:
+        return model_weights_gb(self.root / name, self.cfg.scale.size_scale)
+
     # -- what the control plane calls on its loop (blocking steps run in an executor) ---------
     async def layout(self, model: str, p: int) -> list[tuple[int, int]]:
         await self._alive(self._store)
@@ -216,17 +234,18 @@ class LocalCluster(HttpServices):
         await asyncio.get_running_loop().run_in_executor(None, self._start_worker, spec)
 
     def _start_worker(self, spec: WorkerSpec) -> None:
-        args = worker_args(spec, self.agent_url(spec.node))
+        agent = self.agent_url(spec.node)
         proc = None
         if spec.engine == "hydraserve" and spec.device == self.cfg.device:
-            proc = self._adopt(spec.node, args)
+            proc = self._adopt(spec.node, RuntimeAssignment(spec, agent))
         if proc is not None:
             log.info("worker %s: adopted the warm runtime pid %d on %s", spec.worker_id,
                      proc.proc.pid, spec.node)
             self.adopted += 1
             self._refill(spec.node)
         else:
-            proc = ServerProcess(args, self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
+            proc = ServerProcess(worker_args(spec, agent),
+                                 self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
         with self._lock:
             self._workers[spec.worker_id] = proc
 
@@ -248,6 +267,16 @@ class LocalCluster(HttpServices):
 
     def worker_pid(self, worker_id: str) -> int:
         return self._workers[worker_id].proc.pid
+
+    # -- the processes themselves, for callers on this machine (tests, LocalPipeline) ---------
+    def worker_process(self, worker_id: str) -> ServerProcess:
+        return self._workers[worker_id]
+
+    def agent_process(self, node: str) -> ServerProcess:
+        return self._agents[node]
+
+    def store_process(self) -> ServerProcess | None:
+        return self._store
 
     async def stop_worker(self, worker_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._stop_worker, worker_id)
