@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine import SPEC, ensure_model, machine  # noqa: E402
+from hydraserve.cluster.pipeline import GroupConfig, LocalPipeline  # noqa: E402
 from hydraserve.httpjson import call  # noqa: E402
-from hydraserve.worker.group import GroupConfig, LocalPipeline  # noqa: E402
 
 PROMPT = [(i * 31) % 1000 + 10 for i in range(32)]
 NEW = 64

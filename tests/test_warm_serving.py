@@ -12,11 +12,11 @@ import time
 
 import pytest
 
+from hydraserve.cluster.pipeline import GroupConfig, LocalPipeline
 from hydraserve.engine.engine import LLMEngine
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.httpjson import call
 from hydraserve.make_model import ModelSpec, make_model
-from hydraserve.worker.group import GroupConfig, LocalPipeline
 
 pytestmark = pytest.mark.multiprocess
 

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
+from hydraserve.cluster.pipeline import GroupConfig, LocalPipeline
 from hydraserve.engine.engine import LLMEngine
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.httpjson import CallError, call
-from hydraserve.worker.group import GroupConfig, LocalPipeline
 from hydraserve.worker.transport import ConnectionClosed, recv_msg, send_msg
 
 from servers import shm_exists
