@@ -20,6 +20,11 @@ def add_store_parser(sub: argparse._SubParsersAction) -> None:
     _add_agent(ssub)
 
 
+def _bind_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: 0)")
+
+
 def _add_serve(ssub: argparse._SubParsersAction) -> None:
     s = ssub.add_parser(
         "serve", help="the remote model store",
@@ -28,8 +33,7 @@ def _add_serve(ssub: argparse._SubParsersAction) -> None:
                     "&p=P&rank=R (Range requests; HEAD gives the size). Images are streamed from "
                     "the checkpoint files, never built in memory.")
     s.add_argument("--root", required=True, help="folder whose subfolders are model directories")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: 0)")
+    _bind_arguments(s)
     s.add_argument("--egress-gbps", type=float, default=None,
                    help="total egress limit shared fairly by all connections (default: none)")
     s.set_defaults(func=_cmd_serve)
@@ -44,8 +48,7 @@ def _add_agent(ssub: argparse._SubParsersAction) -> None:
                     "image bytes received. Every segment is removed on exit (SIGINT/SIGTERM too).")
     a.add_argument("--node", required=True, help="this server's name")
     a.add_argument("--remote", required=True, help="remote store URL, e.g. http://127.0.0.1:8001")
-    a.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    a.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: 0)")
+    _bind_arguments(a)
     a.add_argument("--nic-gbps", type=float, default=None,
                    help="this server's NIC limit, shared fairly by all its fetches (default: none)")
     a.add_argument("--cache-gb", type=float, default=0.0,
