@@ -19,7 +19,7 @@ from hydraserve.cluster.local import LocalCluster
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
 from hydraserve.httpjson import call, stream
-from hydraserve.protocol import Peer, WorkerSpec
+from hydraserve.protocol import Peer, WorkerHealth, WorkerSpec
 from hydraserve.store.image import ImageKind, ImageSpec
 from hydraserve.store.launch import ServerProcess
 
@@ -122,9 +122,9 @@ class LocalPipeline:
         """Tell every stage the ring (each stage's port from its /health), all at once: a
         stage's /init returns only once its neighbours are connected."""
         urls = [w.url for w in self.workers]
-        peers = [Peer(r, "127.0.0.1",
-                      call(url, "GET", "/health", token=self.cfg.token)["stage_port"]).to_json()
-                 for r, url in enumerate(urls)]
+        healths = [WorkerHealth.from_json(call(url, "GET", "/health", token=self.cfg.token))
+                   for url in urls]
+        peers = [Peer(r, "127.0.0.1", h.stage_port).to_json() for r, h in enumerate(healths)]
         with ThreadPoolExecutor(len(urls)) as pool:
             done = [pool.submit(call, url, "POST", "/init", {"peers": peers}, timeout=60,
                                 token=self.cfg.token)
