@@ -57,6 +57,11 @@ class Phase(str, enum.Enum):
     FAILED = "failed"  # gave up; ``error`` says why
     STOPPED = "stopped"  # left in order
 
+    @property
+    def final(self) -> bool:
+        """Whether the worker will never serve (again)."""
+        return self in (Phase.FAILED, Phase.STOPPED)
+
 
 # start-up and life-cycle events of a worker's timeline, in the order a cold start has them
 EVENTS = ("spawned", "attached", "imports_done", "http_ready", "connected", "weights_ready",
@@ -190,7 +195,12 @@ class WorkerHealth:
     @property
     def ended(self) -> bool:
         """Whether it will never serve (again)."""
-        return self.phase in (Phase.FAILED, Phase.STOPPED)
+        return self.phase.final
+
+    def settled(self, event: str) -> bool:
+        """Whether a wait for ``event`` is over: it happened, or it will not (the worker ended,
+        or reports an error)."""
+        return self.has(event) or self.ended or self.error is not None
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.extra.items()}

@@ -104,7 +104,7 @@ class HttpWorker:
             left = max(0.0, deadline - loop.time())
             h = _health(await self.api.get(
                 f"{self.url}/health?wait={event}&timeout={min(left, LONG_POLL_S):.3f}"))
-            if h.has(event) or h.ended or h.error or loop.time() >= deadline:
+            if h.settled(event) or loop.time() >= deadline:
                 return h
 
     async def init(self, peers: list[Peer]) -> None:

@@ -46,7 +46,6 @@ class Controller:
         self.submit, self.cancel, self.drain = \
             self.router.submit, self.router.cancel, self.router.drain
         self.scaling = autoscale.AutoscaleConfig(gw.batch_capacity, gw.keep_alive_s)
-        self._loop_task = None
 
     @classmethod
     def build(cls, cluster: ClusterBackend, cluster_cfg: ClusterConfig, gw: GatewayConfig,
@@ -57,7 +56,7 @@ class Controller:
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop_task = self.state.spawn(self._run())
+        self.state.spawn(self._run())  # cancelled with the other tasks at close
 
     async def close(self) -> None:
         s = self.state

@@ -114,7 +114,7 @@ class Fleet:
                 h = await stage.client.wait_for("weights_ready", FETCH_WAIT_S)
             except WorkerError:  # gone: it holds no booking any more
                 break
-            if h.has("weights_ready") or h.ended:
+            if h.settled("weights_ready"):  # else the long-poll timed out: wait again
                 break
         self.s.release_fetch(stage)
 

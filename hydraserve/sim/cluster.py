@@ -276,7 +276,7 @@ class SimWorker:
         while True:
             self.changed.clear()
             h = await self.health()
-            if h.has(event) or h.ended or h.error or loop.time() >= deadline:
+            if h.settled(event) or loop.time() >= deadline:
                 return h
             try:
                 await asyncio.wait_for(self.changed.wait(), deadline - loop.time())

@@ -54,8 +54,8 @@ def make_app(worker: Worker) -> web.Application:
     async def health(request: web.Request) -> web.Response:
         event, timeout = wait_query(request)
         if event:
-            await worker.timeline.wait(event, timeout, lambda: worker.health().ended
-                                       or worker.error is not None)
+            await worker.timeline.wait(event, timeout,
+                                       lambda: worker.state.final or worker.error is not None)
         return web.json_response(worker.health().to_json())
 
     async def init(request: web.Request) -> web.Response:

@@ -273,7 +273,8 @@ def make_app(worker: VLLMWorker):
     async def health(request: web.Request) -> web.Response:
         event, timeout = wait_query(request)
         if event:
-            await worker.timeline.wait(event, timeout, lambda: worker.health().ended)
+            await worker.timeline.wait(event, timeout,
+                                       lambda: worker.state.final or worker.error is not None)
         return web.json_response(worker.health().to_json())
 
     async def init(_: web.Request) -> web.Response:
