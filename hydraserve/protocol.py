@@ -227,8 +227,10 @@ class WorkerHealth:
 class GenerateRequest:
     """One sequence for a head worker. ``output_ids``: tokens the request already produced on
     a lost worker; generation continues after them (a resumed stream). ``params``: the
-    sampling parameters (max_tokens, temperature, top_p, top_k, seed, ignore_eos,
-    stop_token_ids), as the worker's engine takes them."""
+    sampling parameters as the worker's engine takes them (engine.sequence.SamplingParams:
+    max_tokens, temperature, top_p, top_k, seed, ignore_eos, stop_token_ids, choice,
+    min_tokens, presence_penalty, frequency_penalty, repetition_penalty, logit_bias as
+    {"token id": bias}, logprobs, prompt_logprobs)."""
 
     prompt_ids: list[int]
     params: dict[str, Any] = field(default_factory=dict)
@@ -258,13 +260,27 @@ class GenerateRequest:
 @dataclass(frozen=True)
 class TokenEvent:
     """One token of a stream; ``finish_reason`` ("stop", "length") on the last one. An engine
-    may end a stream with no token (``token_id`` None) and a finish reason."""
+    may end a stream with no token (``token_id`` None) and a finish reason.
+
+    Asked for with the ``logprobs`` param (k): ``logprob``, the token's log-probability under
+    the model's raw distribution, and ``top_logprobs``, the k most likely [token_id, logprob]
+    pairs, highest first. Asked for with ``prompt_logprobs`` (k), on the first token only:
+    ``prompt_logprobs``, one entry per prompt token: None for the first, then
+    [logprob, top k pairs]."""
 
     token_id: int | None
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
     def to_json(self) -> dict:
-        return {"token_id": self.token_id, "finish_reason": self.finish_reason}
+        out = {"token_id": self.token_id, "finish_reason": self.finish_reason}
+        for name in ("logprob", "top_logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
 
 
 @dataclass(frozen=True)
@@ -294,6 +310,9 @@ def parse_event(d: dict) -> TokenEvent | ErrorEvent:
         return ErrorEvent(str(d["error"]), d.get("status"), bool(d.get("handover")))
     tid = d.get("token_id")
     try:
-        return TokenEvent(None if tid is None else int(tid), d.get("finish_reason"))
+        lp = d.get("logprob")
+        return TokenEvent(None if tid is None else int(tid), d.get("finish_reason"),
+                          None if lp is None else float(lp), d.get("top_logprobs"),
+                          d.get("prompt_logprobs"))
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"a token item's token_id must be an integer: {e}") from None

@@ -15,13 +15,32 @@ from hydraserve.engine.layers import AttentionMetadata, PrefillSlice
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What the last stage needs to pick one sequence's next token."""
+    """What the last stage needs to pick one sequence's next token (see SamplingParams).
+
+    Everything the choice depends on travels here, so the last stage keeps no state per
+    sequence and any stage (a pipeline's last, a consolidated worker) picks the same token."""
 
     temperature: float
     top_p: float
     top_k: int
     seed: int
-    index: int  # output position of the token being sampled
+    index: int  # output position i of the token being sampled
+    choice: int = 0  # j: which of the request's n choices
+    bias: tuple = ()  # logit_bias: (token id, bias) pairs
+    banned: tuple = ()  # ids masked for this token (EOS and stop ids before min_tokens)
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    output: tuple = ()  # the output ids so far, when a penalty needs them
+    prompt: tuple = ()  # the distinct prompt ids, when repetition_penalty needs them
+    logprobs: int | None = None  # report the chosen token's logprob and the top k
+    prompt_logprobs: int | None = None  # this step prefills the whole prompt: report its logprobs
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before the choice."""
+        return bool(self.bias or self.banned or self.presence or self.frequency
+                    or self.repetition != 1)
 
 
 @dataclass

@@ -5,7 +5,7 @@ one to the next, exactly as separate worker processes do over sockets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -14,7 +14,7 @@ import torch
 from hydraserve.engine.batch import StepBatch
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
 from hydraserve.engine.runner import StageRunner, iter_checkpoint
-from hydraserve.engine.sampler import sample
+from hydraserve.engine.sampler import StepLogits, pick
 from hydraserve.engine.scheduler import Scheduler, TokenOutput
 from hydraserve.engine.sequence import FinishReason, SamplingParams
 from hydraserve.store.checkpoint import scan_checkpoint
@@ -25,6 +25,7 @@ from hydraserve.store.layout import StageLayout, StageSpec
 class GenerateResult:
     token_ids: list[int]
     finish_reason: FinishReason
+    extras: list[dict | None] = field(default_factory=list)  # per token: logprobs asked for
 
 
 class LLMEngine:
@@ -58,27 +59,33 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self._forward(batch)
-        return self.scheduler.update(batch, sample(logits, batch.samples))
+        picks = pick(self._forward(batch), batch.samples)
+        extra = dict(zip(batch.seq_ids, picks.extras))
+        return [replace(out, extra=extra[out.seq_id])
+                for out in self.scheduler.update(batch, picks.tokens)]
 
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
+    def _forward(self, batch: StepBatch) -> StepLogits:
         """Run the stages in order; the last-token logits of each sequence."""
         x = None
         for stage in self.stages:
             x = stage.execute(batch, x)
         return x
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
-        """Run prompts to completion together (continuous batching); results in prompt order."""
-        ids = [self.add_request(p, params) for p in prompts]
-        tokens: dict[int, list[int]] = {i: [] for i in ids}
-        reasons: dict[int, FinishReason] = {}
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[GenerateResult]:
+        """Run prompts to completion together (continuous batching); results in prompt order.
+        ``params``: one for all, or one per prompt."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, each)]
+        results = {i: GenerateResult([], FinishReason.ABORT) for i in ids}
         while self.scheduler.has_unfinished():
             for out in self.step():
-                tokens[out.seq_id].append(out.token_id)
+                r = results[out.seq_id]
+                r.token_ids.append(out.token_id)
+                r.extras.append(out.extra)
                 if out.finish_reason is not None:
-                    reasons[out.seq_id] = out.finish_reason
-        return [GenerateResult(tokens[i], reasons[i]) for i in ids]
+                    r.finish_reason = out.finish_reason
+        return [results[i] for i in ids]
 
     @torch.inference_mode()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -86,6 +93,6 @@ class LLMEngine:
         seq_id = self.add_request(prompt_ids, SamplingParams(max_tokens=1))
         batch = self.scheduler.schedule()
         assert batch is not None and batch.seq_ids == [seq_id], "engine must be idle"
-        logits = self._forward(batch)
-        self.scheduler.update(batch, sample(logits, batch.samples))
+        logits = self._forward(batch).last
+        self.scheduler.update(batch, pick(StepLogits(logits, {}), batch.samples).tokens)
         return logits[0]

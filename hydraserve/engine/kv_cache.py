@@ -11,11 +11,13 @@ from hydraserve.engine.config import ModelConfig
 
 
 class BlockAllocator:
-    """Free list of KV block ids."""
+    """Free list of KV block ids, with a reference count per block: sequences of one prompt
+    share its full blocks (see Scheduler), and a block is free once no sequence holds it."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -24,10 +26,25 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        """One more holder of ``blocks`` (allocated already)."""
+        for b in blocks:
+            if self._refs[b] < 1:
+                raise ValueError(f"KV block {b} is not allocated")
+            self._refs[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        released = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                released.append(b)
+        self._free.extend(reversed(released))
 
 
 class KVCache:

@@ -10,6 +10,7 @@ from hydraserve.engine.batch import StepBatch, attention_metadata
 from hydraserve.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from hydraserve.engine.kv_cache import KVCache
 from hydraserve.engine.models.registry import STAGE_CLASSES
+from hydraserve.engine.sampler import StepLogits, step_logits
 from hydraserve.store.checkpoint import TensorInfo, scan_checkpoint
 from hydraserve.store.layout import StageSpec
 
@@ -91,9 +92,10 @@ class StageRunner:
         return loaded
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+    def execute(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor | StepLogits:
         """Run this stage: token ids (first stage) or the previous stage's hidden states in;
-        hidden states out, or on the last stage the logits of each sequence's last token [B, V]."""
+        hidden states out, or on the last stage a :class:`StepLogits` (each sequence's
+        last-token logits [B, V], and the prompt logprobs asked for)."""
         meta = attention_metadata(batch, self.cfg.block_size, self.model_cfg.sliding_window,
                                   self.device)
         active = self.active
@@ -105,5 +107,5 @@ class StageRunner:
         hidden = self.model.run_layers(hidden.to(self.device, self.dtype), meta, self.kv.layers,
                                        active.layers)
         if active.is_last:
-            return self.model.logits(hidden[meta.last_rows]).float()
+            return step_logits(batch, hidden, meta.last_rows, self.model.logits)
         return hidden

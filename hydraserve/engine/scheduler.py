@@ -5,6 +5,10 @@ sequence and block budgets allow (prefill and decode in one batch). A sequence t
 block to grow preempts the most recently admitted one, whose blocks are freed and which is
 recomputed later from its prompt and outputs so far. Sequences never over-allocate: a prompt
 waits until its blocks are free.
+
+Sequences of one prompt (the n choices of a request) share its prefill: the first to arrive
+leads, and each later one, once the leader's prompt is in the cache, takes references to the
+leader's full prompt blocks and computes only the rest of its prompt (less than a block).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class TokenOutput:
     seq_id: int
     token_id: int
     finish_reason: FinishReason | None
+    extra: dict | None = None  # the logprobs the sequence asked for (see sampler.Picks)
 
 
 class Scheduler:
@@ -39,6 +44,7 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}
         self._ids = count()
         self._steps = count()
+        self._leaders: dict[tuple[int, ...], int] = {}  # prompt -> the live sequence leading it
         self.peak_blocks_used = 0
         self.num_preemptions = 0
 
@@ -63,6 +69,15 @@ class Scheduler:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(next(self._ids), list(prompt_ids), params, seed,
                        output_ids=list(output_ids))
+        if params.repetition_penalty != 1:
+            seq.prompt_unique = tuple(sorted(set(prompt_ids)))
+        if not output_ids and params.prompt_logprobs is None:
+            key = tuple(prompt_ids)
+            lead = self._leaders.get(key)
+            if lead is not None and lead in self.seqs:
+                seq.leader = lead
+            else:
+                self._leaders[key] = seq.seq_id
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
         return seq.seq_id
@@ -118,8 +133,17 @@ class Scheduler:
                 budget -= len(seq) - seq.num_computed
         while self.waiting and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            shared = self._shared_prefix(seq)
+            if shared is None:
+                break  # its leader's prefill is in flight: it shares it next step
+            if shared:
+                self.allocator.share(shared)
+                seq.block_ids, seq.num_computed = list(shared), len(shared) * self.block_size
             n = len(seq) - seq.num_computed
             if (n > budget and chosen) or not self._grow(seq, len(seq)):
+                if shared:
+                    self.allocator.free(seq.block_ids)
+                    seq.block_ids, seq.num_computed = [], 0
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -137,9 +161,35 @@ class Scheduler:
             ctx_lens=[len(s) for s in chosen],
             block_tables=[list(s.block_ids) for s in chosen],
             token_ids=[t for s in chosen for t in s.all_ids[s.num_computed:]],
-            samples=[SampleSpec(s.params.temperature, s.params.top_p, s.params.top_k, s.seed,
-                                len(s.output_ids)) for s in chosen],
+            samples=[self._sample_spec(s) for s in chosen],
         )
+
+    def _shared_prefix(self, seq: Sequence) -> list[int] | None:
+        """The leader's full prompt blocks ``seq`` takes over; [] if it computes its own
+        prompt; None if it should wait a step for its leader's prefill to come back."""
+        if seq.leader is None:
+            return []
+        lead = self.seqs.get(seq.leader)
+        nblocks = (len(seq.prompt_ids) - 1) // self.block_size  # one token at least is left
+        if lead is None or lead.status is not SeqStatus.RUNNING or nblocks == 0:
+            seq.leader = None  # gone, preempted or finished: compute the prompt alone
+            return []
+        if lead.num_computed >= nblocks * self.block_size:
+            return lead.block_ids[:nblocks]
+        return None
+
+    def _sample_spec(self, s: Sequence) -> SampleSpec:
+        p, i = s.params, len(s.output_ids)
+        banned: tuple[int, ...] = ()
+        if i < p.min_tokens:
+            banned = tuple(sorted((set() if p.ignore_eos else self.eos) | set(p.stop_token_ids)))
+        return SampleSpec(
+            p.temperature, p.top_p, p.top_k, s.seed, i, choice=p.choice, bias=p.logit_bias,
+            banned=banned, presence=p.presence_penalty, frequency=p.frequency_penalty,
+            repetition=p.repetition_penalty,
+            output=tuple(s.output_ids) if p.penalized else (),
+            prompt=s.prompt_unique if p.repetition_penalty != 1 else (), logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs if i == 0 and s.num_computed == 0 else None)
 
     def update(self, batch: StepBatch, tokens: list[int]) -> list[TokenOutput]:
         """Apply the sampled tokens of ``batch``; return what each sequence produced."""
@@ -173,3 +223,6 @@ class Scheduler:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         del self.seqs[seq.seq_id]
+        key = tuple(seq.prompt_ids)
+        if self._leaders.get(key) == seq.seq_id:
+            del self._leaders[key]

@@ -5,9 +5,9 @@
                       worker failed or stopped, or S seconds (default 30, at most 300) passed
   GET  /stats         the same
   POST /init          {"peers": [protocol.Peer, ...]}: join the ring
-  POST /generate      head only: {"prompt_ids": [...], "max_tokens", "temperature", "top_p",
-                      "top_k", "seed", "stop_token_ids", "ignore_eos", "output_ids"} ->
-                      newline-delimited JSON, one {"token_id", "finish_reason"} per token, or
+  POST /generate      head only: a protocol.GenerateRequest: {"prompt_ids": [...], "output_ids",
+                      and the sampling params} -> newline-delimited JSON, one protocol.TokenEvent
+                      {"token_id", "finish_reason"} per token (with its logprobs if asked), or
                       one {"error"} (with "status": 400 when the request itself is at fault,
                       with "handover": true when the worker is stopping in order and the stream
                       should continue elsewhere); "output_ids" are tokens the request already
@@ -34,15 +34,31 @@ from hydraserve.worker.routes import add_control_routes, wait_query
 
 log = logging.getLogger("hydraserve.worker")
 
-PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+PARAM_FIELDS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
+                "seed": int, "ignore_eos": bool, "choice": int, "min_tokens": int,
+                "presence_penalty": float, "frequency_penalty": float,
+                "repetition_penalty": float, "logprobs": int, "prompt_logprobs": int}
+
+
+def _typed(name: str, value, kind: type):
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ValueError(f"{name} must be {kind.__name__}, not {type(value).__name__}")
+    return value
 
 
 def sampling_params(params: dict) -> SamplingParams:
     """Build sampling parameters from a request's ``params``; ValueError if they are invalid."""
-    kwargs = {k: params[k] for k in PARAM_FIELDS if params.get(k) is not None}
-    if "stop_token_ids" in params:
-        kwargs["stop_token_ids"] = tuple(int(t) for t in params["stop_token_ids"] or ())
+    kwargs = {k: _typed(k, params[k], kind) for k, kind in PARAM_FIELDS.items()
+              if params.get(k) is not None}
     try:
+        if params.get("stop_token_ids") is not None:
+            kwargs["stop_token_ids"] = tuple(int(t) for t in params["stop_token_ids"])
+        if params.get("logit_bias"):
+            kwargs["logit_bias"] = tuple(sorted((int(t), float(b))
+                                                for t, b in dict(params["logit_bias"]).items()))
         return SamplingParams(**kwargs)
     except TypeError as e:
         raise ValueError(str(e)) from None

@@ -25,7 +25,7 @@ import torch
 from hydraserve.engine.batch import StepBatch
 from hydraserve.engine.config import EngineConfig
 from hydraserve.engine.runner import StageRunner
-from hydraserve.engine.sampler import sample
+from hydraserve.engine.sampler import pick
 from hydraserve.engine.scheduler import Scheduler
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.engine.stream_load import iter_region, region_model_config
@@ -260,7 +260,7 @@ class Worker(Consolidation):
         elif kind == "tokens":
             batch = self.in_flight.pop(ev[1], None)
             if batch is not None:
-                self._apply(batch, ev[2])
+                self._apply(batch, ev[2], ev[3])
         elif kind == "kv":
             self._install_kv(ev[1], ev[2])
         elif kind == "rest_loaded":
@@ -277,7 +277,8 @@ class Worker(Consolidation):
         try:
             out = self.runner.execute(batch, None)
             if self.standalone:
-                self._apply(batch, sample(out, batch.samples))
+                picks = pick(out, batch.samples)
+                self._apply(batch, picks.tokens, picks.extras)
                 return
             self.in_flight[batch.step_id] = batch
             self._send({"type": "batch", "batch": batch.to_dict()}, {"hidden": out})
@@ -285,14 +286,16 @@ class Worker(Consolidation):
             self._fail(f"pipeline connection lost: {e}")
             self._fail_requests(self.error)
 
-    def _apply(self, batch: StepBatch, tokens: list[int]) -> None:
+    def _apply(self, batch: StepBatch, tokens: list[int],
+               extras: list[dict | None] | None = None) -> None:
+        extra = dict(zip(batch.seq_ids, extras or ()))
         for out in self.scheduler.update(batch, tokens):
             sink = self.sinks.get(out.seq_id)
             if sink is None:
                 continue
             self.timeline.mark("first_token")
             reason = out.finish_reason.value if out.finish_reason else None
-            sink(TokenEvent(out.token_id, reason).to_json())
+            sink(TokenEvent(out.token_id, reason, **(extra.get(out.seq_id) or {})).to_json())
             if reason is not None:
                 del self.sinks[out.seq_id]
         if not self.sinks:
@@ -315,7 +318,8 @@ class Worker(Consolidation):
                 header, tensors = recv_msg(self.prev_sock)
                 kind = header["type"]
                 if kind == "tokens":
-                    self.events.put(("tokens", header["step_id"], header["tokens"]))
+                    self.events.put(("tokens", header["step_id"], header["tokens"],
+                                     header.get("extras")))
                 elif kind == "kv":
                     self.events.put(("kv", header, tensors))
                 elif kind == "release":
@@ -340,7 +344,7 @@ class Worker(Consolidation):
                     out = self.runner.execute(batch, tensors["hidden"])
                     if self.runner.active.is_last:
                         self._send({"type": "tokens", "step_id": batch.step_id,
-                                    "tokens": sample(out, batch.samples)})
+                                    **pick(out, batch.samples).to_json()})
                     else:
                         self._send(header, {"hidden": out})
                 elif kind == "kv_pull":
@@ -422,4 +426,5 @@ class Worker(Consolidation):
                    "all_card": self.cfg.all_card, "connected": self.connected,
                    "active_layers": [r.active.layer_start, r.active.layer_end] if r else None,
                    "held_layers": [r.spec.layer_start, r.spec.layer_end] if r else None,
-                   "in_flight_batches": len(self.in_flight)})
+                   "in_flight_batches": len(self.in_flight),
+                   "preemptions": s.num_preemptions if s else 0})
