@@ -12,6 +12,16 @@ scripts treat it like any p = 1 worker) and starts the way a stock vLLM containe
 3. poll its /health -> ``engine_ready``. ``/generate`` waits for that, then streams the request
    through vLLM's /v1/completions (prompt token ids in, ``return_token_ids`` out).
 
+The sampling params map onto vLLM's. Exact: logit_bias, min_tokens (less the tokens a resumed
+stream already has), repetition_penalty (vLLM counts prompt and output, so a resumed stream's
+earlier tokens, now prompt, still count), and logprobs (vLLM's default raw_logprobs mode: before
+temperature, penalties and bias). Not exact: presence/frequency penalties of a resumed stream
+count only the tokens produced after the resume (vLLM sees the earlier ones as prompt); seeded
+sampling draws from vLLM's own generator (one per request, seeded with ``choice_seed``), so
+seeded text differs from our engine's and a resumed stream does not continue the same draws.
+vLLM refuses prompt_logprobs on a stream, so they come by ``echo`` at one count for both kinds
+(the larger), cut to each's; ties among top logprobs keep vLLM's order.
+
 The image *is* a safetensors file (header + tensors under their checkpoint names), so the folder
 is an ordinary Hugging Face model folder. vLLM runs in the Python given by ``--vllm-python``
 (or HYDRASERVE_VLLM_PYTHON, which the command line reads), so it can live in its own virtual
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -216,6 +227,30 @@ class VLLMWorker:
         self.ready.set()
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """vLLM's seed for choice ``choice`` of a request seeded ``seed``: the seed itself for choice
+    0, else a hash of both in [0, 2**63) (vLLM takes a signed 64-bit seed)."""
+    if not choice:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _count(body: dict, name: str) -> int | None:
+    if body.get(name) is None:
+        return None
+    if int(body[name]) < 0:
+        raise ValueError(f"{name} must be >= 0")
+    return int(body[name])
+
+
+def wanted_logprobs(body: dict) -> tuple[int | None, int | None]:
+    """The (logprobs, prompt_logprobs) counts our /generate body asks for; a resumed stream's
+    prompt logprobs went out with its first token already."""
+    return _count(body, "logprobs"), None if body.get("output_ids") else \
+        _count(body, "prompt_logprobs")
+
+
 def completion_body(model: str, body: dict) -> dict:
     """Our /generate body -> vLLM's /v1/completions body (token ids in and out)."""
     # a resumed stream (see worker/api.py): its tokens so far extend the prompt
@@ -224,31 +259,71 @@ def completion_body(model: str, body: dict) -> dict:
            "return_token_ids": True,
            "max_tokens": int(body.get("max_tokens") or 16) - len(done),
            "temperature": float(body.get("temperature") or 0.0)}
-    for k in ("top_p", "top_k", "seed", "ignore_eos"):
+    for k in ("top_p", "top_k", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
+              "repetition_penalty"):
         if body.get(k) is not None:
             out[k] = body[k]
     if out.get("top_k") == 0:
         out["top_k"] = -1  # vLLM's "disabled"
+    if out.get("seed") is not None:
+        out["seed"] = choice_seed(int(out["seed"]), int(body.get("choice") or 0))
     if body.get("stop_token_ids"):
         out["stop_token_ids"] = [int(t) for t in body["stop_token_ids"]]
+    if body.get("min_tokens"):
+        out["min_tokens"] = max(0, int(body["min_tokens"]) - len(done))
+    if body.get("logit_bias"):
+        out["logit_bias"] = {str(int(t)): float(b) for t, b in dict(body["logit_bias"]).items()}
+    k, pk = wanted_logprobs(body)
+    if k is not None or pk is not None:  # one count for both: token_items cuts each to its own
+        out["logprobs"] = max(x for x in (k, pk) if x is not None)
+        out["return_tokens_as_token_ids"] = True  # top_logprobs keys "token_id:N"
+    if pk is not None:
+        # vLLM refuses prompt_logprobs on a stream, but echo gives the prompt's logprobs (at
+        # the same count as logprobs) ahead of the first token's, in the first chunk
+        out["echo"] = True
     return out
 
 
-def token_items(chunk: dict) -> list[dict]:
-    """One SSE chunk of vLLM's completion stream -> our {"token_id", "finish_reason"} items
-    (a finish without a token becomes {"token_id": None, "finish_reason"})."""
+def _top(top: dict | None, k: int) -> list[list]:
+    """vLLM's {"token_id:N": logprob} (the top k, plus the chosen token if not among them) ->
+    our [[N, logprob], ...]: the k highest, highest first."""
+    pairs = [[int(t.rsplit(":", 1)[1]), float(lp)] for t, lp in (top or {}).items()]
+    return sorted(pairs, key=lambda p: -p[1])[:k]
+
+
+def token_items(chunk: dict, body: dict | None = None) -> list[dict]:
+    """One SSE chunk of vLLM's completion stream for our /generate ``body`` -> our
+    {"token_id", "finish_reason"} items, with "logprob" and "top_logprobs" if the body asks for
+    logprobs and "prompt_logprobs" on the first if it asks for those (a finish without a token
+    becomes {"token_id": None, "finish_reason"})."""
     if "error" in chunk:
         err = chunk["error"]
-        return [{"error": err.get("message", str(err)) if isinstance(err, dict) else str(err)}]
+        if not isinstance(err, dict):
+            return [{"error": str(err)}]
+        item = {"error": err.get("message", str(err))}
+        if err.get("code") == 400:  # vLLM refused the request (a stream's 200 was sent)
+            item["status"] = 400
+        return [item]
+    k, pk = wanted_logprobs(body or {})
     items = []
     for choice in chunk.get("choices") or ():
         ids = choice.get("token_ids") or []
         reason = choice.get("finish_reason")
-        for i, t in enumerate(ids):
-            items.append({"token_id": int(t),
-                          "finish_reason": reason if i == len(ids) - 1 else None})
+        new = [{"token_id": int(t), "finish_reason": reason if i == len(ids) - 1 else None}
+               for i, t in enumerate(ids)]
         if reason and not ids:
-            items.append({"token_id": None, "finish_reason": reason})
+            new.append({"token_id": None, "finish_reason": reason})
+        lps = choice.get("logprobs") or {}
+        lp, tops = lps.get("token_logprobs") or [], lps.get("top_logprobs") or []
+        head = len(lp) - len(ids)  # > 0 in the first chunk of an echo: the prompt's entries
+        if k is not None and head >= 0:
+            for i in range(len(ids)):
+                new[i]["logprob"] = float(lp[head + i])
+                new[i]["top_logprobs"] = _top(tops[head + i], k)
+        if pk is not None and head > 0 and new:
+            new[0]["prompt_logprobs"] = [None if lp[i] is None else
+                                         [float(lp[i]), _top(tops[i], pk)] for i in range(head)]
+        items += new
     return items
 
 
@@ -304,8 +379,10 @@ def make_app(worker: VLLMWorker):
                         msg = json.loads(text).get("error", {}).get("message", text)
                     except (ValueError, AttributeError):
                         msg = text
-                    await resp.write(json.dumps({"error": f"vLLM {vr.status}: {msg}"}).encode()
-                                     + b"\n")
+                    item = {"error": f"vLLM {vr.status}: {msg}"}
+                    if vr.status == 400:  # vLLM refused the request itself
+                        item["status"] = 400
+                    await resp.write(json.dumps(item).encode() + b"\n")
                     return resp
                 async for line in vr.content:
                     line = line.strip()
@@ -314,7 +391,7 @@ def make_app(worker: VLLMWorker):
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
-                    for item in token_items(json.loads(data)):
+                    for item in token_items(json.loads(data), body):
                         await resp.write(json.dumps(item).encode() + b"\n")
         except aiohttp.ClientError as e:
             await resp.write(json.dumps({"error": f"vLLM unreachable: {e}"}).encode() + b"\n")
