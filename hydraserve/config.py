@@ -116,6 +116,7 @@ class ModelConfigEntry:
     tpot_slo_ms: float | None = None
     profiled_tpot_ms: float | None = None
     size_gb: float | None = None  # default: the checkpoint's bytes
+    owned_by: str = "hydraserve"  # what GET /v1/models says owns the model
 
 
 @dataclass(frozen=True)
@@ -238,9 +239,14 @@ def model_entry_from_dict(m: dict, base: Path | None = None) -> ModelConfigEntry
         entry = ModelConfigEntry(name=str(m["name"]), path=str(path),
                                  ttft_slo_s=float(m.get("ttft_slo_s", 7.5)),
                                  tpot_slo_ms=opt("tpot_slo_ms"),
-                                 profiled_tpot_ms=opt("profiled_tpot_ms"), size_gb=opt("size_gb"))
+                                 profiled_tpot_ms=opt("profiled_tpot_ms"), size_gb=opt("size_gb"),
+                                 owned_by=m.get("owned_by") or "hydraserve")
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"model entry: {e!r}") from None
+    if not (isinstance(entry.owned_by, str) and entry.owned_by.isprintable()
+            and len(entry.owned_by) <= 256):
+        raise ConfigError(f"model {entry.name}: owned_by must be printable text of at most 256 "
+                          "characters")
     if not NAME.match(entry.name):
         raise ConfigError(f"model name {entry.name!r} must match {NAME.pattern}")
     if entry.size_gb is not None and entry.size_gb <= 0:

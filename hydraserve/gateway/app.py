@@ -1,6 +1,7 @@
 """The gateway application (FastAPI): OpenAI API, admin API, health and metrics.
 
-  GET  /v1/models                       POST /v1/completions     POST /v1/chat/completions
+  POST /v1/completions  POST /v1/chat/completions
+  GET  /v1/models  POST /tokenize  POST /detokenize  GET /version  (extras.py)
   GET  /health                          GET  /metrics
   GET  /admin/models   POST /admin/models   DELETE /admin/models/{name}   GET /admin/instances
        (admin routes need "Authorization: Bearer TOKEN" when an admin token is configured)
@@ -26,10 +27,11 @@ from hydraserve.control.controller import Controller, Draining, QueueFull
 from hydraserve.control.instance import Request
 from hydraserve.engine.config import ModelLoadError
 from hydraserve.gateway.detok import Detokenizer
+from hydraserve.gateway.extras import add_extra_routes
 from hydraserve.gateway.limits import BodyLimits
 from hydraserve.gateway.metrics import Metrics
 from hydraserve.gateway.openai_api import (ERROR_TYPES, ChatBody, CompletionBody, Shaper, error,
-                                           sse)
+                                           invalid_body, sse)
 from hydraserve.tokenizer import Tokenizer
 
 log = logging.getLogger("hydraserve.gateway")
@@ -79,9 +81,6 @@ class Gateway:
             await self.controller.warm_cache(entry.name)
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after"}  # union branches
-
-
 def _openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return error(status, message, ERROR_TYPES.get(status, "server_error"), param)
 
@@ -104,17 +103,13 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [x for x in first.get("loc", ())[1:]
-               if not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))]
-        where = ".".join(str(x) for x in loc) or None
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg, where = "the request body is not valid JSON", None
-        elif first.get("type") in ("model_attributes_type", "dict_type") and not loc:
-            msg = "the request body must be a JSON object"
-        return _openai_error(400, f"{msg}" + (f" ({where})" if where else ""),
-                             str(loc[0]) if loc else None)
+        return _openai_error(400, *invalid_body(list(exc.errors())))
+
+    @app.exception_handler(Exception)
+    async def internal(request: HTTPRequest, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error(500, f"internal error: {type(exc).__name__} (see the gateway's log)",
+                     "server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
@@ -134,11 +129,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": gateway.created.get(n, 0),
-             "owned_by": "hydraserve"} for n in gateway.controller.models()]}
+    add_extra_routes(app, gateway)  # /v1/models, /tokenize, /detokenize, /version
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: HTTPRequest):
