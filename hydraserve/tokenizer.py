@@ -3,9 +3,37 @@ template (transformers costs ~8 s to import; this costs tens of milliseconds).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from hydraserve.engine.config import ModelLoadError
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): each byte is a printable character, itself for
+    the printable Latin-1 ones, else 256 + n in byte order. Maps the character to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback
+
+
+def _is_byte_level(decoder) -> bool:
+    if decoder is None:
+        return False
+    if type(decoder).__name__ == "ByteLevel":
+        return True
+    return "ByteLevel" in repr(decoder)
 
 
 class Tokenizer:
@@ -14,6 +42,7 @@ class Tokenizer:
 
     def __init__(self, tokenizer, config: dict, chat_template: str | None = None):
         self._tok = tokenizer
+        self._byte_level: bool | None = None  # whether its decoder is byte-level BPE's
         self.config = config
         self._template = None
         template = chat_template or config.get("chat_template")
@@ -67,6 +96,30 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a character: its bytes are
+        what the OpenAI API reports with logprobs)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level is None:
+            self._byte_level = _is_byte_level(self._tok.decoder)
+        if self._byte_level and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token as text; one holding part of a character reads "bytes:\\xe2\\x80" (the
+        OpenAI API's convention)."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

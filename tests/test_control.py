@@ -145,7 +145,7 @@ def test_admin_register_keeps_every_field_of_a_model_entry(llama_dir):
         client = TestClient(create_app(gateway))  # no lifespan: nothing is started
         auth = {"Authorization": "Bearer t"}
         body = {"name": "m13", "path": llama_dir, "ttft_slo_s": 12.0, "tpot_slo_ms": 116.0,
-                "profiled_tpot_ms": 40.0, "size_gb": 26.0}
+                "profiled_tpot_ms": 40.0, "size_gb": 26.0, "owned_by": "team-a"}
         assert client.post("/admin/models", json=body, headers=auth).status_code == 200
         (got,) = client.get("/admin/models", headers=auth).json()["models"]
         assert got == body  # size_gb was dropped (the checkpoint's bytes were used) before

@@ -6,14 +6,14 @@ share one prompt's prefill and KV blocks give what separate runs give; choice j 
 request is its own stream, reproducible and independent of the batch."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from hydraserve.engine.engine import LLMEngine
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.make_model import ModelSpec, make_model
+
+from sampling_reference import greedy, hf_logits
 
 PROMPTS = [[5, 9, 33, 70, 2, 18, 44, 91, 7, 120, 3, 77, 15, 250, 8, 61, 30, 11, 4],
            [100, 200, 300, 7, 8, 9]]
@@ -39,18 +39,12 @@ def hf(transformers, model_dir):
     return model
 
 
-def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V] logits of every position."""
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()
-
-
 def test_logprobs_of_greedy_tokens_match_transformers(hf, model_dir):
     engine = LLMEngine(model_dir, pipeline=2)
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=5, prompt_logprobs=3)
     for prompt, res in zip(PROMPTS, engine.generate(PROMPTS, params)):
         ids = prompt + res.token_ids
-        ref = torch.log_softmax(_hf_logits(hf, ids), dim=-1)
+        ref = torch.log_softmax(hf_logits(hf, ids), dim=-1)
         # the sampled tokens: each one's logprob and the top 5 at its position
         for i, (tok, extra) in enumerate(zip(res.token_ids, res.extras)):
             row = ref[len(prompt) - 1 + i]
@@ -68,39 +62,6 @@ def test_logprobs_of_greedy_tokens_match_transformers(hf, model_dir):
             assert abs(lp - float(ref[pos - 1, prompt[pos]])) < 1e-4
             assert [t for t, _ in top] == ref[pos - 1].topk(3).indices.tolist()
         assert all("prompt_logprobs" not in e for e in res.extras[1:])
-
-
-def _reference_processed(logits: torch.Tensor, prompt: list[int], output: list[int],
-                         p: SamplingParams, eos: set[int]) -> torch.Tensor:
-    """The definitions, written out token by token: logit_bias is added; before min_tokens,
-    EOS and the stop ids are impossible; repetition_penalty (vLLM's): a logit of a token seen in
-    the prompt or the output is divided by the penalty if positive, else multiplied; OpenAI's
-    frequency and presence penalties: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) *
-    presence_penalty, with c[j] the count of token j in the output so far."""
-    x = logits.clone().tolist()
-    for tok, bias in p.logit_bias:
-        x[tok] += bias
-    if len(output) < p.min_tokens:
-        for tok in eos | set(p.stop_token_ids):
-            x[tok] = -math.inf
-    for tok in set(prompt) | set(output):
-        if p.repetition_penalty != 1:
-            x[tok] = x[tok] / p.repetition_penalty if x[tok] > 0 else x[tok] * p.repetition_penalty
-    for tok in set(output):
-        c = output.count(tok)
-        x[tok] -= c * p.frequency_penalty + p.presence_penalty
-    return torch.tensor(x)
-
-
-def _reference_greedy(hf, prompt: list[int], p: SamplingParams, eos: set[int]) -> list[int]:
-    out: list[int] = []
-    while len(out) < p.max_tokens:
-        logits = _hf_logits(hf, prompt + out)[-1]
-        tok = int(_reference_processed(logits, prompt, out, p, eos).argmax())
-        out.append(tok)
-        if tok in eos or tok in p.stop_token_ids:
-            break
-    return out
 
 
 PROCESSED = {
@@ -124,7 +85,7 @@ def test_penalties_and_logit_bias_match_their_definitions(hf, model_dir, name):
     changed = False
     for prompt in PROMPTS:
         ours = engine.generate([prompt], params)[0].token_ids
-        assert ours == _reference_greedy(hf, prompt, params, set()), name
+        assert ours == greedy(hf, prompt, params, set()), name
         changed |= ours != engine.generate([prompt], plain)[0].token_ids
     assert changed, f"{name} changes no output: the test would prove nothing"
 
@@ -140,7 +101,7 @@ def test_min_tokens_holds_back_eos_and_stop_ids(hf, model_dir):
     params = SamplingParams(max_tokens=10, stop_token_ids=(stop,), min_tokens=6)
     held = engine.generate([prompt], params)[0].token_ids
     assert len(held) >= 6 and stop not in held[:6]
-    assert held == _reference_greedy(hf, prompt, params, eos)
+    assert held == greedy(hf, prompt, params, eos)
 
 
 def test_n_choices_share_the_prompt_blocks_and_match_separate_runs(model_dir):

@@ -1,9 +1,9 @@
-"""OpenAI wire format: request bodies (pydantic, only at this edge), responses, errors, SSE."""
+"""OpenAI wire format: request bodies (pydantic, only at this edge), errors, SSE (the response
+objects are built in `responses`)."""
 from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -286,42 +286,3 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 def sse(obj: dict | str) -> bytes:
     data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
-
-
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
-class Shaper:
-    """Builds the response objects of one request, chat or completion."""
-
-    def __init__(self, chat: bool, rid: str, model: str):
-        self.chat, self.id, self.model = chat, rid, model
-        self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
-
-    def _base(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def chunk(self, text: str, finish: str | None, first: bool = False) -> dict:
-        if self.chat:
-            delta: dict = {"content": text} if text or not first else {}
-            if first:
-                delta = {"role": "assistant", "content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {**self._base("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self, prompt: int, completion: int) -> dict:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": usage(prompt, completion)}
-
-    def whole(self, text: str, finish: str, prompt: int, completion: int) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {**self._base(self.object), "choices": [choice], "usage": usage(prompt, completion)}
