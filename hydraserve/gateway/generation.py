@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hydraserve.control.controller import Draining, QueueFull
 from hydraserve.control.instance import Request
 from hydraserve.gateway.detok import Detokenizer
-from hydraserve.gateway.openai_api import ERROR_TYPES, error, sse
+from hydraserve.gateway.openai_api import ERROR_TYPES, error, sse, template_messages
 from hydraserve.gateway.responses import LogprobFormat, Shaper, TokenLogprob
 
 log = logging.getLogger("hydraserve.gateway")
@@ -72,14 +72,8 @@ def _prompts(gateway, body, chat: bool, tok) -> tuple[list[list[int]], list[str]
         if not tok.has_chat_template:
             raise Refused(400, f"the model {body.model!r} has no chat template; send the prompt "
                           "to /v1/completions instead", "messages")
-        messages = []
-        for m in body.messages:
-            msg = {"role": m.role, "content": m.text()}
-            if getattr(m, "name", None):
-                msg["name"] = m.name
-            messages.append(msg)
         try:
-            text = tok.apply_chat_template(messages)
+            text = tok.apply_chat_template(template_messages(body.messages))
         except Exception as e:  # noqa: BLE001 - a template error is the caller's input
             raise Refused(400, f"chat template failed: {e}", "messages") from None
         return [tok.encode(text, add_special_tokens=False)], [text]
@@ -105,7 +99,7 @@ def _max_tokens(gateway, body, chat: bool, prompt: list[int]) -> int:
     if room < 1:
         raise Refused(400, f"the prompt has {len(prompt)} tokens; this model's context is "
                       f"{gw.max_model_len}", where)
-    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    asked = body.asked_max_tokens()
     if asked is not None and asked > room:  # refused, as vLLM and OpenAI do; never cut
         raise Refused(400, f"this model's maximum context length is {gw.max_model_len} tokens; "
                       f"the prompt has {len(prompt)} and max_tokens asks for {asked} more "
@@ -142,11 +136,11 @@ def sampling(body, chat: bool, vocab: int) -> dict:
             raise Refused(400, f"stop_token_ids: {tid} is outside the vocabulary ({vocab})",
                           "stop_token_ids")
     bias = {}
-    for key, value in (body.logit_bias or {}).items():
-        if int(key) >= vocab:
-            raise Refused(400, f"logit_bias: token id {key} is outside the vocabulary ({vocab})",
+    for tid, value in body.logit_bias_ids().items():
+        if tid >= vocab:
+            raise Refused(400, f"logit_bias: token id {tid} is outside the vocabulary ({vocab})",
                           "logit_bias")
-        bias[str(int(key))] = float(value)
+        bias[str(tid)] = float(value)
     params = {"temperature": body.temperature, "top_p": body.top_p, "ignore_eos": body.ignore_eos}
     seed = body.seed
     if seed is None and body.temperature > 0:
