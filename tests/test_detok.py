@@ -37,6 +37,19 @@ def test_stop_strings_cut_the_text(llama_dir):
     assert "".join(d.push(i) for i in ids) + d.flush() == "alpha beta STOP gamma delta"
 
 
+def test_stop_strings_wait_for_min_tokens(llama_dir):
+    tok = Tokenizer.from_dir(llama_dir)
+    ids = tok.encode("alpha STOP beta STOP gamma")
+    first = next(n for n in range(1, len(ids) + 1) if "STOP" in tok.decode(ids[:n]))
+    d = Detokenizer(tok, ["STOP"], min_tokens=first + 1)  # the first STOP is before min_tokens
+    out = ""
+    for i in ids:
+        out += d.push(i)
+        if d.stopped:
+            break
+    assert d.stopped and out == "alpha STOP beta "
+
+
 def whole_decode_reference(tok: Tokenizer, ids: list[int], stop: list[str]) -> list:
     """The specification: the detokenizer as it was before it streamed, decoding all the ids
     after each one. Returns (delta, stopped) per id pushed (until stopped), then the flush's."""

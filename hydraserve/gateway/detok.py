@@ -18,9 +18,11 @@ class Detokenizer:
     ids with the new ones, and only the text not released yet is searched for stop strings (none
     can start in released text: the longest ending that could start one is always held back)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None,
+                 min_tokens: int = 0):
         self.tok = tokenizer
         self.stop = [s for s in (stop or []) if s]
+        self.min_tokens = min_tokens  # stop strings count from this many tokens on (as vLLM's)
         self.stopped = False
         # The tokenizers.Tokenizer the stream steps with. A decoder that rewrites text it gave
         # (byte fallback meeting an invalid sequence) makes the stream fail; from then on each
@@ -89,7 +91,8 @@ class Detokenizer:
         a stop string; else all of it if ``final``; else, once nothing is uncommitted, all but
         what may be the start of a stop string."""
         text = self._held + tail
-        for s in self.stop:
+        stop = self.stop if len(self._ids) >= self.min_tokens else []
+        for s in stop:
             i = text.find(s)
             if i != -1:
                 self.stopped = True
@@ -100,7 +103,7 @@ class Detokenizer:
             return text
         if tail:
             return ""
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])),
                    default=0)
         self._held = text[len(text) - hold:]
         return text[:len(text) - hold]

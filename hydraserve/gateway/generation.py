@@ -181,8 +181,8 @@ def _submit(gateway, body, chat: bool, tok) -> tuple[str, list[Choice], int]:
                 req = Request(rid if len(prompts) * body.n == 1 else f"{rid}-{index}",
                               body.model, prompt, p)
                 gateway.controller.submit(req)
-                choices.append(Choice(index, prompt, req, Detokenizer(tok, body.stop_list()),
-                                      echo=texts[i] if echo else ""))
+                detok = Detokenizer(tok, body.stop_list(), body.min_tokens)
+                choices.append(Choice(index, prompt, req, detok, echo=texts[i] if echo else ""))
     except QueueFull as e:
         _cancel(gateway, choices)
         gw = gateway.gw
