@@ -185,6 +185,11 @@ def test_a_pipeline_gives_the_same_tokens_and_consolidates(backend, run, model_d
                  for r in range(2)]
         head, tail = await start(backend, specs)
         assert await tokens(head) == want
+        for r in range(2):  # what each stage's fetch moved (the operator's view reads it)
+            stats = await backend.fetch_stats(f"n{r}", "m", "stage", 2, r)
+            assert stats["done"] and stats["received"] == stats["length"] > 0, stats
+            assert stats["seconds"] >= 0
+        assert await backend.fetch_stats("n0", "m", "stage", 3, 2) is None  # never fetched
         await head.consolidate()
         h = await head.wait_for("consolidated", 30)  # a long-poll: answered when it happens
         assert h.has("consolidated") and h.standalone, h

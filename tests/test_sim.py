@@ -58,7 +58,20 @@ def test_a_cold_start_by_hand(tmp_path):
         cost.request_s
     assert res[0]["error"] is None and res[0]["ttft_s"] == pytest.approx(want, abs=1e-6)
     events = read_lifecycle(tmp_path / "lifecycle.jsonl")
-    assert [e["event"] for e in events] == ["created", "ready", "request_end", "deleted"]
+    assert [e["event"] for e in events if e["event"] not in ("fetch", "cold_start")] == \
+        ["created", "ready", "request_end", "deleted"]
+    # the operator's view of it, on virtual time: the fetch of 13 GB in 6.5 s, and phases
+    # that add up to the TTFT the client measured
+    (fetch,) = [e for e in events if e["event"] == "fetch"]
+    assert fetch["bytes"] == 13e9 and fetch["seconds"] == pytest.approx(6.5)
+    (cold,) = [e for e in events if e["event"] == "cold_start"]
+    assert cold["ttft_s"] == pytest.approx(want, abs=1e-3)
+    assert sum(cold["phases"].values()) == pytest.approx(cold["ttft_s"], abs=1e-3)
+    # the critical path: 1 s start + 4 s imports, the 1.5 s of fetch they did not hide, the
+    # engine's 0.5 s, then the first token
+    ph = cold["phases"]
+    assert (ph["imports"], ph["fetch"], ph["engine"]) == (pytest.approx(5.0), pytest.approx(1.5),
+                                                          pytest.approx(0.5))
 
 
 def test_serverless_vllm_fetches_after_the_worker_is_up(tmp_path):

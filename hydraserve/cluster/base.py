@@ -87,6 +87,11 @@ class ClusterBackend(Protocol):
     async def cached_models(self, node: str) -> set[str]:
         """Models whose whole image ``node`` holds in host memory."""
 
+    async def fetch_stats(self, node: str, model: str, kind: str, p: int,
+                          rank: int) -> dict | None:
+        """The latest fetch of that image onto ``node``: {"length", "received" (bytes),
+        "seconds" (so far, or until it ended), "done"}; None if there is none."""
+
     async def warm_cache(self, model: str) -> None:
         """Put ``model`` whole in every node's host cache and wait until it is there."""
 

@@ -76,6 +76,16 @@ class HttpServices:
     async def cached_models(self, node: str) -> set[str]:
         return set((await self._api.get(self.agent_url(node) + "/cache")).get("models", ()))
 
+    async def fetch_stats(self, node: str, model: str, kind: str, p: int,
+                          rank: int) -> dict | None:
+        fetches = (await self._api.get(self.agent_url(node) + "/fetches"))["fetches"]
+        r = next((r for r in fetches if r.get("model") == model and r.get("kind") == kind
+                  and (kind == "full" or (r.get("p") == p and r.get("rank") == rank))), None)
+        if r is None:
+            return None
+        return {"length": r["length"], "received": r["received"], "seconds": r["seconds"],
+                "done": r["state"] != "fetching"}
+
     async def warm_cache(self, model: str) -> None:
         """Every node's agent pulls ``model`` whole into its host cache; returns when all have it."""
         await asyncio.gather(*(self.prefetch(s.name, model, "full", 1, 0) for s in self.nodes()))

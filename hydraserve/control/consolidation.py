@@ -83,6 +83,9 @@ class Consolidation:
             if inst.state is InstanceState.READY:
                 log.warning("instance %s: consolidation failed (%s); it stays a pipeline",
                             inst.id, e)
+                self._ended(inst, "failed")
+                s.emit("failure", kind="consolidation_failed", model=inst.model,
+                       instance=inst.id)
                 return
         finally:
             for b in booked:
@@ -90,8 +93,18 @@ class Consolidation:
         if inst.state is not InstanceState.READY:  # stopped (or lost) while it consolidated
             log.info("instance %s: consolidation ended: the instance is %s", inst.id,
                      inst.state.value)
+            self._ended(inst, "abandoned")
             return
         await self._split(ep, inst)
+        self._ended(inst, "done")
+
+    def _ended(self, inst: Instance, outcome: str) -> None:
+        t = inst.timeline
+        start = t.get("consolidation_started")
+        seconds = None if start is None else round(t.get("consolidated", inst.clock() -
+                                                         inst.created) - start, 6)
+        self.s.emit("consolidation", model=inst.model, instance=inst.id, outcome=outcome,
+                    seconds=seconds)
 
     async def _split(self, ep: Endpoint, inst: Instance) -> None:
         """The head serves the whole model: free the part-card stages, and make each other

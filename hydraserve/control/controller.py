@@ -22,6 +22,7 @@ from hydraserve.control.instance import Instance, InstanceState, Request
 from hydraserve.control.placer import Placer
 from hydraserve.control.presets import Preset, resolve
 from hydraserve.control.router import SHUTTING_DOWN, Router
+from hydraserve.control.view import OperatorView
 from hydraserve.control.state import ControlState, Draining, Endpoint, QueueFull  # noqa: F401
 from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks  # torch-free
 
@@ -42,10 +43,11 @@ class Controller:
         self.preset, self.gw, self.cluster = preset, gw, cluster
         self.placer = Placer(self.state)
         self.fleet = Fleet(self.state, self.placer)
-        self.router = Router(self.state, self.fleet.retire)
+        self.router = Router(self.state, self.fleet.retire, self.fleet.first_token)
         self.submit, self.cancel, self.drain = \
             self.router.submit, self.router.cancel, self.router.drain
         self.scaling = autoscale.AutoscaleConfig(gw.batch_capacity, gw.keep_alive_s)
+        self.view = OperatorView(self.state)  # resources, cold starts, progress, events
 
     @classmethod
     def build(cls, cluster: ClusterBackend, cluster_cfg: ClusterConfig, gw: GatewayConfig,

@@ -44,6 +44,7 @@ class Fleet:
             wanted -= 1
             budget -= placement.p
             ep.cold_starts += 1
+            self.s.open_cold_start(ep, inst)
             self.s.spawn(self._start(ep, inst))
 
     async def _layout(self, ep: Endpoint, p: int) -> list[tuple[int, int]]:
@@ -65,6 +66,7 @@ class Fleet:
 
     async def _start(self, ep: Endpoint, inst: Instance) -> None:
         st, cluster, p = self.s, self.s.cluster, inst.placement.p
+        rec = st.coldstarts.get(inst.id)
         try:
             layers = await self._layout(ep, p)
             for s in inst.stages:
@@ -75,10 +77,11 @@ class Fleet:
                 await asyncio.gather(*(cluster.prefetch(s.node, ep.name, kind, p, s.rank)
                                        for s in inst.stages))
             for s in inst.stages:
+                if rec is not None:
+                    rec.stage(s.rank).ordered = st.clock()
                 await cluster.start_worker(self.spec(ep, inst, s))
             inst.mark("workers_spawned")
-            clients = await asyncio.gather(*(cluster.wait_worker(s.worker_id, WORKER_START_S)
-                                             for s in inst.stages))
+            clients = await asyncio.gather(*(self._serving(rec, s) for s in inst.stages))
             for s, client in zip(inst.stages, clients):
                 s.client = client
             healths = await asyncio.gather(*(s.client.health() for s in inst.stages))
@@ -90,6 +93,9 @@ class Fleet:
         except Exception as e:  # noqa: BLE001 - the instance failed to start; requests wait on
             log.error("instance %s failed to start: %s", inst.id, e)
             inst.error = str(e)
+            if rec is not None:
+                rec.state, rec.error = "failed", str(e)
+            st.emit("failure", kind="start_failed", model=ep.name, instance=inst.id)
             await self.stop(inst, InstanceState.FAILED)
             return
         inst.state = InstanceState.READY
@@ -101,6 +107,13 @@ class Fleet:
         if inst.placement.consolidate:
             st.spawn(self.consolidation.run(ep, inst))
 
+    async def _serving(self, rec, stage: Stage):
+        """Wait until ``stage``'s worker serves its control API; its client."""
+        client = await self.s.cluster.wait_worker(stage.worker_id, WORKER_START_S)
+        if rec is not None:
+            rec.stage(stage.rank).serving = self.s.clock()
+        return client
+
     async def _watch_fetches(self, inst: Instance) -> None:
         """Release each stage's NIC booking as soon as its worker has all its weights (a
         long-poll of the worker's timeline, not a poll)."""
@@ -109,6 +122,7 @@ class Fleet:
         inst.mark("weights_ready")
 
     async def _watch_fetch(self, inst: Instance, stage: Stage) -> None:
+        h = None
         while inst.state is InstanceState.READY:
             try:
                 h = await stage.client.wait_for("weights_ready", FETCH_WAIT_S)
@@ -117,6 +131,49 @@ class Fleet:
             if h.settled("weights_ready"):  # else the long-poll timed out: wait again
                 break
         self.s.release_fetch(stage)
+        rec = self.s.coldstarts.get(inst.id)
+        if rec is not None and h is not None and h.has("weights_ready"):
+            rec.stage(stage.rank).read_timeline(h.timeline)
+            await self._fetch_stats(inst, rec, stage)
+
+    async def _fetch_stats(self, inst: Instance, rec, stage: Stage) -> None:
+        """What the stage's agent fetched, into its trace and as a "fetch" event (once)."""
+        trace = rec.stage(stage.rank)
+        if trace is None or trace.fetch_bytes is not None or rec.from_cache:
+            return
+        p = inst.placement.p
+        try:
+            stats = await self.s.cluster.fetch_stats(stage.node, inst.model,
+                                                     "full" if p == 1 else "stage", p,
+                                                     stage.rank)
+        except Exception as e:  # noqa: BLE001 - an operator's figure: never fail a start on it
+            log.debug("fetch stats of %s rank %d: %s", inst.id, stage.rank, e)
+            return
+        if stats and stats["done"] and trace.fetch_bytes is None:
+            trace.fetch_bytes, trace.fetch_s = int(stats["received"]), float(stats["seconds"])
+            self.s.emit("fetch", server=stage.node, model=inst.model, instance=inst.id,
+                        bytes=trace.fetch_bytes, seconds=round(trace.fetch_s, 6))
+
+    def first_token(self, inst: Instance) -> None:
+        """An instance gave its first token: its cold start is complete (the router's call)."""
+        rec = self.s.coldstarts.get(inst.id)
+        if rec is not None and rec.state == "starting":
+            rec.state = "serving"
+            self.s.spawn(self._complete(inst, rec))
+
+    async def _complete(self, inst: Instance, rec) -> None:
+        """The stages' timelines as they are now (the engine's start included) and their
+        fetches, then the "cold_start" event with the record."""
+        for stage in list(inst.stages):
+            if stage.client is None:
+                continue
+            try:
+                h = await stage.client.health()
+            except Exception:  # noqa: BLE001 - a stage may be gone already
+                continue
+            rec.stage(stage.rank).read_timeline(h.timeline)
+            await self._fetch_stats(inst, rec, stage)
+        self.s.emit("cold_start", **rec.to_json())
 
     # -- down ------------------------------------------------------------------------------------
     def retire(self, inst: Instance, final: InstanceState) -> None:

@@ -44,6 +44,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)  # sent to the client so far
     retries: int = 0  # times it went back to the queue after its instance failed
     queued_at: float | None = None  # when it last joined its queue (the queue timeout's start)
+    cold_start: str | None = None  # the instance started for it (None: none was, yet)
+    # set once it has an instance: one started for it (cold_start) or one it went to
+    placed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         if self.queued_at is None:

@@ -11,6 +11,14 @@ One JSON object per line, written as things happen; ``t`` is in seconds on the l
      "instance"}]}      part-card stages freed; other all-card stages became standalone instances
     {"t", "event": "deleted", "instance", "state": "stopped" | "failed", "error"}
 
+The operator's events go to the same log (`ControlState.emit`; the analysis ignores them)::
+
+    {"t", "event": "fetch", "server", "model", "instance", "bytes", "seconds"}   a stage's fetch
+    {"t", "event": "cold_start", "id", "model", "p", "ttft_s", "phases": {...}, "stages": [...],
+     ...}                        a cold start at its first token (control/coldstart.py's record)
+    {"t", "event": "consolidation", "model", "instance", "outcome", "seconds"}
+    {"t", "event": "failure", "kind", "model", ...}
+
 An instance is charged GB x seconds for each stage from its creation until the stage is freed,
 but never past 30 s after the last token the stage's instance produced (the keep-alive).
 """

@@ -25,10 +25,13 @@ log = logging.getLogger("hydraserve.control")
 
 class Router:
     def __init__(self, state: ControlState,
-                 retire: Callable[[Instance, InstanceState], None]):
-        """``retire``: stop a lost instance in the background (the fleet's)."""
+                 retire: Callable[[Instance, InstanceState], None],
+                 first_token: Callable[[Instance], None] = lambda inst: None):
+        """``retire``: stop a lost instance in the background; ``first_token``: an instance
+        gave its first token (both the fleet's)."""
         self.s = state
         self.retire = retire
+        self.first_token = first_token
 
     def free_slots(self, ep: Endpoint) -> int:
         """Requests the endpoint's ready and starting instances can still take."""
@@ -94,6 +97,7 @@ class Router:
         timeout = self.s.gw.queue_timeout_s
         for r in [r for r in ep.queue if now - r.queued_at > timeout]:
             ep.queue.remove(r)
+            self.s.emit("failure", kind="queue_timeout", model=ep.name, request=r.id)
             r.events.put_nowait({"error": f"no instance of {ep.name} could be started within "
                                           f"{timeout:.0f} s (the cluster has no room for it)",
                                  "status": 503})
@@ -107,6 +111,7 @@ class Router:
     def dispatch(self, inst: Instance, req: Request) -> None:
         inst.active += 1
         req.instance = inst.id
+        req.placed.set()
         self.s.serving[req.id] = req
         req.task = self.s.spawn(self._serve(inst, req))
 
@@ -126,6 +131,8 @@ class Router:
                                  inst.id)
                     else:
                         log.error("instance %s failed while serving: %s", inst.id, detail)
+                        s.emit("failure", kind="worker_lost", model=inst.model,
+                               instance=inst.id)
                     self.retire(inst, InstanceState.STOPPED if handover else InstanceState.FAILED)
                 self._place_again(req, f"instance {inst.id}: {detail}")
         finally:
@@ -150,7 +157,9 @@ class Router:
                     return ev.error, ev.handover
                 if req.first_token is None:
                     req.first_token = self.s.clock()
-                    inst.mark("first_token")
+                    if "first_token" not in inst.timeline:
+                        inst.mark("first_token")
+                        self.first_token(inst)
                 if ev.token_id is not None:
                     req.output_ids.append(ev.token_id)
                 req.events.put_nowait(ev.to_json())
@@ -181,4 +190,5 @@ class Router:
                         req.tokens, detail)
             return
         log.error("request %s failed after %d retries: %s", req.id, req.retries, detail)
+        s.emit("failure", kind="request_lost", model=req.model, request=req.id)
         req.events.put_nowait({"error": LOST, "status": 503})

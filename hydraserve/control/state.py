@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from hydraserve.cluster.base import ClusterBackend
 from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
+from hydraserve.control.coldstart import ColdStart, ColdStarts, StageTrace
 from hydraserve.control.gpu import GpuLedger
 from hydraserve.control.instance import Instance, Request, Stage
 from hydraserve.control.lifecycle import LifecycleLog
@@ -74,6 +75,8 @@ class ControlState:
         self.draining = False
         self.lifecycle = LifecycleLog(gw.lifecycle_log, lifecycle_clock) \
             if gw.lifecycle_log else None
+        self.coldstarts = ColdStarts()
+        self.observers: list[Callable[[str, dict], None]] = []  # see emit
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
@@ -103,6 +106,35 @@ class ControlState:
     def log(self, event: str, **fields) -> None:
         if self.lifecycle:
             self.lifecycle.write(event, **fields)
+
+    def emit(self, event: str, **fields) -> None:
+        """An event for the operator's view (the gateway's metrics observe it) and the
+        lifecycle log: "cold_start" (a record, at its first token), "fetch" (server, bytes,
+        seconds), "consolidation" (model, outcome, seconds), "failure" (kind, model)."""
+        self.log(event, **fields)
+        for observe in self.observers:
+            try:
+                observe(event, fields)
+            except Exception:  # noqa: BLE001 - an observer must not break the control plane
+                log.exception("an observer of %s failed", event)
+
+    def open_cold_start(self, ep: Endpoint, inst: Instance) -> ColdStart:
+        """The record of ``inst``'s start; the queued requests it takes first (up to its
+        capacity) are tagged with it, and the first of them is the one it was started for."""
+        pl = inst.placement
+        rec = self.coldstarts.add(ColdStart(
+            inst.id, ep.name, self.gw.exec_type, pl.p, pl.policy,
+            None if pl.predicted_ttft_ms is None else pl.predicted_ttft_ms / 1000,
+            pl.from_cache, inst.created,
+            [StageTrace(st.rank, st.node, st.claim.gpu, st.all_card) for st in inst.stages],
+            timeline=inst.timeline))
+        waiting = [r for r in ep.queue if r.cold_start is None][:inst.capacity]
+        for r in waiting:
+            r.cold_start = inst.id
+            r.placed.set()
+        if waiting:
+            rec.arrival = min(r.arrival for r in waiting)
+        return rec
 
     def add(self, ep: Endpoint, inst: Instance) -> None:
         ep.instances.append(inst)

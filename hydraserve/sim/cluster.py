@@ -51,6 +51,7 @@ class SimCluster:
         self.workers: dict[str, SimWorker] = {}
         self.by_port: dict[int, SimWorker] = {}
         self.regions: dict[tuple, Flow] = {}
+        self.fetched: dict[tuple, Flow] = {}  # the latest flow of each image (fetch_stats)
         self.cache: dict[str, OrderedDict[str, float]] = {s.name: OrderedDict()
                                                           for s in cfg.servers}
         self.models: set[str] = set()
@@ -143,6 +144,7 @@ class SimCluster:
             return self.net.start(node, 0.0)
         gb = self.shapes[model].size_gb if kind == "full" else self.stage_gb(model, p, rank)
         flow = self.net.start(node, gb * 8)
+        self.fetched[key] = flow
         if kind == "full":
             flow.done.add_done_callback(
                 lambda f: None if f.cancelled() else self._keep(node, model))
@@ -156,6 +158,18 @@ class SimCluster:
 
     async def cached_models(self, node: str) -> set[str]:
         return set(self.cache[node])
+
+    async def fetch_stats(self, node: str, model: str, kind: str, p: int,
+                          rank: int) -> dict | None:
+        flow = self.fetched.get((node, model, kind, p, rank))
+        if flow is None:
+            return None
+        done = flow.done.done() and not flow.done.cancelled()
+        end = flow.done.result() if done else asyncio.get_running_loop().time()
+        nbytes = flow.total / 8 * 1e9  # the paper's bytes
+        return {"length": int(nbytes), "received": int(nbytes * (1.0 if done else
+                                                                  flow.fraction())),
+                "seconds": end - flow.started, "done": done}
 
     async def warm_cache(self, model: str) -> None:
         for s in self.cfg.servers:

@@ -15,6 +15,8 @@ cached after their readers leave, LRU within the cache budget. HTTP API:
                                    left (a cached whole model stays, evictable); readers whose
                                    process died are released by the agent itself
   GET    /regions, GET /regions/{id}, DELETE /regions/{id}
+  GET    /fetches    the regions, then the latest freed ones (as they were when freed): what
+                     each fetch moved, for the operator's view
   GET    /cache      the models this node holds whole
 
 A region is described as {"id", "shm", "offset": 0, "length", "state", "received", ...}:
@@ -30,6 +32,7 @@ import os
 import secrets
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
@@ -43,6 +46,7 @@ from hydraserve.store.image import ImageKind, ImageSpec
 log = logging.getLogger("hydraserve.agent")
 
 COUNTER = 8  # bytes of the received-bytes counter at the start of every region
+FREED_KEPT = 128  # freed regions /fetches still describes
 SHM_PREFIX = "hs_"  # every region's segment is named hs_<agent pid>_<random>
 
 
@@ -109,6 +113,7 @@ class Agent:
         self.cfg = cfg
         self.nic = Link(cfg.nic_gbps)
         self.regions: dict[str, Region] = {}
+        self.freed: deque[dict] = deque(maxlen=FREED_KEPT)  # describe() of freed regions
         self.by_key: dict[str, Region] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -222,7 +227,8 @@ class Agent:
     def _free(self, region: Region) -> None:
         if region.task and not region.task.done():
             region.task.cancel()
-        self.regions.pop(region.id, None)
+        if self.regions.pop(region.id, None) is not None:
+            self.freed.append(region.describe())
         if self.by_key.get(region.spec.key) is region:
             del self.by_key[region.spec.key]
         try:
@@ -368,6 +374,10 @@ def make_app(cfg: AgentConfig) -> web.Application:
     async def regions(_: web.Request) -> web.Response:
         return web.json_response({"regions": [r.describe() for r in agent.regions.values()]})
 
+    async def fetches(_: web.Request) -> web.Response:
+        return web.json_response({"fetches": [r.describe() for r in agent.regions.values()]
+                                  + list(reversed(agent.freed))})
+
     async def region(request: web.Request) -> web.Response:
         r = region_of(request, request.match_info["id"])
         if request.query.get("wait") == "1":
@@ -396,6 +406,7 @@ def make_app(cfg: AgentConfig) -> web.Application:
     app.router.add_post("/attach", attach)
     app.router.add_post("/release", release)
     app.router.add_get("/regions", regions)
+    app.router.add_get("/fetches", fetches)
     app.router.add_get("/regions/{id}", region)
     app.router.add_delete("/regions/{id}", delete)
     app.router.add_get("/cache", cache)
