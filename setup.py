@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hydraserve", "hydraserve.*"]),
+    package_data={"hydraserve.gateway": ["static/*.html"]},
     install_requires=[
         # torch is installed first and pinned by the Makefile / CI (a CPU build); an unpinned
         # requirement here would pull a multi-GB CUDA build on a machine without it.
@@ -39,6 +40,9 @@ setup(
             "accelerate>=1.0",  # transformers' own GGUF loading, the reference of import-gguf
             "kubernetes>=29",  # scripts/kubernetes: label_nodes.py and the manifests' tests
             "kubernetes-validate>=1.35",  # the manifests' schema checks (Kubernetes 1.35)
+            # /dashboard in Debian's headless Chromium (tests/test_dashboard.py); below 4.40,
+            # whose releases need a newer certifi than the package index may have
+            "selenium>=4.25,<4.40",
         ],
     },
     entry_points={"console_scripts": ["hydraserve=hydraserve.cli:main"]},

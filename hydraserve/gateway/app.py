@@ -4,13 +4,13 @@
   GET  /v1/models  POST /tokenize  POST /detokenize  GET /version  (extras.py)
   GET  /health                          GET  /metrics
   GET  /admin/models   POST /admin/models   DELETE /admin/models/{name}   GET /admin/instances
+  GET  /dashboard   GET /admin/status   GET /admin/coldstarts[/{id}]  (dashboard.py)
        (admin routes need "Authorization: Bearer TOKEN" when an admin token is configured)
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -25,6 +25,8 @@ from hydraserve.config import (ClusterConfig, ConfigError, GatewayConfig, ModelC
                                model_entry_from_dict)
 from hydraserve.control.controller import Controller
 from hydraserve.engine.config import ModelLoadError
+from hydraserve.gateway.dashboard import add_dashboard_routes
+from hydraserve.gateway.dashboard import admin_ok as dashboard_admin_ok
 from hydraserve.gateway.extras import add_extra_routes
 from hydraserve.gateway.generation import generate
 from hydraserve.gateway.limits import BodyLimits
@@ -115,10 +117,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         return _openai_error(exc.status_code, str(exc.detail))
 
     def admin_ok(request: HTTPRequest) -> bool:
-        if not gw.admin_token:
-            return True
-        auth = request.headers.get("authorization", "")
-        return secrets.compare_digest(auth, f"Bearer {gw.admin_token}")
+        return dashboard_admin_ok(gw.admin_token, request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -129,6 +128,7 @@ def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> 
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     add_extra_routes(app, gateway)  # /v1/models, /tokenize, /detokenize, /version
+    add_dashboard_routes(app, gateway)  # /dashboard, /admin/status, /admin/coldstarts
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):

@@ -27,6 +27,8 @@ from hydraserve.gateway.responses import LogprobFormat, Shaper, TokenLogprob
 log = logging.getLogger("hydraserve.gateway")
 
 MAX_SEQUENCES = 256  # choices of one request (prompts x n)
+PLACED_WAIT_S = 1.0  # a stream's headers wait this long at most for its cold start's id
+PROGRESS_S = 1.0  # a stream that waits for its first token gets a progress comment this often
 
 
 class Refused(Exception):
@@ -214,11 +216,15 @@ async def generate(gateway, body, chat: bool):
     fmt = LogprobFormat(tok, chat, body.return_tokens_as_token_ids)
     want_logprobs = _logprobs(body, chat) is not None
     merged = _merged(choices, gateway, body.model)
+    view = gateway.controller.view
     if body.stream:
+        # the headers go out now: wait (briefly) for the control plane to place the requests,
+        # so that they can name the cold start the answer waits for
+        await asyncio.gather(*(view.placed(c.req, PLACED_WAIT_S) for c in choices))
         return StreamingResponse(
             _stream(_heartbeats(merged, gateway.gw.sse_heartbeat_s), choices, shaper, fmt,
                     want_logprobs, prompt_tokens, body.include_usage(), gateway),
-            media_type="text/event-stream")
+            media_type="text/event-stream", headers=_headers(rid, choices))
     try:
         async for c, st in merged:
             if st.error:
@@ -238,7 +244,19 @@ async def generate(gateway, body, chat: bool):
         if want_logprobs:
             lp, _ = fmt.shape(c.prompt_entries + c.entries)
         out.append(shaper.choice(c.index, c.echo + c.text, c.finish, lp))
-    return shaper.whole(out, prompt_tokens, sum(c.tokens for c in choices))
+    return JSONResponse(shaper.whole(out, prompt_tokens, sum(c.tokens for c in choices)),
+                        headers=_headers(rid, choices))
+
+
+def _headers(rid: str, choices: list[Choice]) -> dict[str, str]:
+    """X-Request-Id, and X-HydraServe-Cold-Start: the cold start (instance id) each choice
+    waited for, "none" for one served by an instance that was ready, "queued" for one still
+    waiting for room in the cluster; one entry per distinct value (look an id up in
+    /admin/coldstarts or on /dashboard)."""
+    seen: dict[str, None] = {}
+    for c in choices:
+        seen[c.req.cold_start or ("none" if c.req.instance else "queued")] = None
+    return {"X-Request-Id": rid, "X-HydraServe-Cold-Start": ",".join(seen)}
 
 
 async def _steps(c: Choice, gateway, model: str) -> AsyncIterator[Step]:
@@ -317,18 +335,20 @@ HEARTBEAT = object()  # what _heartbeats yields when nothing came for a while
 
 async def _heartbeats(events: AsyncIterator, every_s: float) -> AsyncIterator:
     """``events``, with HEARTBEAT in between whenever none came for ``every_s`` seconds (a cold
-    start can take longer than a proxy's idle timeout). The pending read is never cancelled by a
-    heartbeat, only when the stream ends early."""
+    start can take longer than a proxy's idle timeout), and every `PROGRESS_S` at most until
+    the first one came (the comment then tells the cold start's progress). The pending read is
+    never cancelled by a heartbeat, only when the stream ends early."""
     if every_s <= 0:
         async for item in events:
             yield item
         return
-    pending = None
+    pending, first = None, True
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(events.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            done, _ = await asyncio.wait({pending}, timeout=min(every_s, PROGRESS_S)
+                                         if first else every_s)
             if not done:
                 yield HEARTBEAT
                 continue
@@ -338,6 +358,7 @@ async def _heartbeats(events: AsyncIterator, every_s: float) -> AsyncIterator:
                 return
             finally:
                 pending = None
+            first = False
             yield item
     finally:
         if pending is not None:
@@ -353,7 +374,11 @@ async def _stream(events, choices: list[Choice], shaper: Shaper, fmt: LogprobFor
     try:
         async for item in events:
             if item is HEARTBEAT:
-                yield b": heartbeat\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+                # an SSE comment: clients ignore it, proxies see traffic, a person reads it
+                line = None
+                if not started:
+                    line = await gateway.controller.view.progress(choices[0].req)
+                yield f": {line or 'heartbeat'}\n\n".encode()
                 continue
             c, st = item
             if st.error:

@@ -1,0 +1,182 @@
+"""The operator's view of a real cold start, as a person meets it: a real `hydraserve serve` on
+the default model (with an admin token), a cold streaming request whose SSE comments tell the
+cold start's progress and whose header names it, its record whose phases add up to the TTFT the
+client measured (within 5%), the Prometheus metrics of it, and /dashboard in a real headless
+Chromium (Debian's, driven by Selenium) showing its row with its phases; the screenshot is
+checked not to be blank (README's docs/dashboard.png is one: HYDRASERVE_SCREENSHOT=PATH keeps
+it)."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hydraserve.store.launch import ServerProcess
+
+pytestmark = pytest.mark.multiprocess
+
+MODEL = "smollm2-135m-instruct"
+TOKEN = "dash-token"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dash")
+    server = ServerProcess(["serve", "--port", "0", "--keep-alive", "300", "--admin-token",
+                            TOKEN, "--sse-heartbeat", "0.4", "--log-dir", str(tmp / "logs")],
+                           tmp / "gateway.log", timeout=120)
+    yield server
+    assert server.stop() == 0
+
+
+def _get(server, path: str, token: str | None = TOKEN):
+    req = urllib.request.Request(server.url + path,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+        return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+
+
+@pytest.fixture(scope="module")
+def cold(server):
+    """One cold streaming request: (its response headers, its SSE comment lines, the seconds to
+    its first data chunk as the client measured them)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    t0 = time.monotonic()
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+        "stream": True}), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    comments, ttft = [], None
+    for raw in resp:
+        line = raw.decode().rstrip("\n")
+        if line.startswith(": "):
+            comments.append(line[2:])
+        elif line.startswith("data: ") and ttft is None:
+            ttft = time.monotonic() - t0
+    conn.close()
+    return {k.lower(): v for k, v in resp.getheaders()}, comments, ttft
+
+
+def test_a_waiting_stream_is_told_the_progress_of_its_cold_start(cold):
+    headers, comments, _ = cold
+    iid = headers["x-hydraserve-cold-start"]
+    assert iid.startswith(MODEL + "-") and headers["x-request-id"].startswith("chatcmpl-")
+    assert comments and all(c.startswith(f"cold start {iid}: ") for c in comments), comments
+    fetching = [c for c in comments if "fetching" in c]
+    assert fetching, comments
+    percents = [int(c.split("fetching ")[1].split("%")[0]) for c in fetching]
+    assert percents == sorted(percents) and percents[-1] > percents[0]  # it moves forward
+
+
+def test_the_phases_add_up_to_the_ttft_the_client_measured(server, cold):
+    headers, _, ttft = cold
+    rec = _get(server, "/admin/coldstarts/" + headers["x-hydraserve-cold-start"])
+    assert rec["state"] == "serving" and rec["p"] >= 1
+    phases = rec["phases"]
+    assert list(phases) == ["queue", "placement", "spawn", "imports", "server", "ring",
+                            "fetch", "load", "engine", "first_token"]
+    assert abs(sum(phases.values()) - ttft) <= 0.05 * ttft, (phases, ttft)
+    assert phases["imports"] > 0.5 and phases["fetch"] + phases["load"] > 0.5
+    for st in rec["stages"]:
+        names = {s["name"] for s in st["segments"]}
+        assert {"imports", "fetch", "load"} <= names, st
+        assert st["fetch_bytes"] > 0 and st["fetch_gbps"] > 0
+    assert rec["predicted_ttft_s"] > 0
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get(server, "/admin/coldstarts/" + headers["x-hydraserve-cold-start"], token="wrong")
+    assert e.value.code == 401
+
+
+def test_the_metrics_hold_the_cold_start(server, cold):
+    text = _get(server, "/metrics", token=None).decode()
+    lines = text.splitlines()
+
+    def value(prefix: str) -> float:
+        (line,) = [ln for ln in lines if ln.startswith(prefix)]
+        return float(line.rsplit(" ", 1)[1])
+
+    labels = f'exec_type="hydraserve",model="{MODEL}"'
+    counts = [ln for ln in lines if ln.startswith("hydraserve_cold_start_phase_seconds_count{")
+              and labels in ln]
+    assert len(counts) == 10 and all(ln.endswith(" 1.0") for ln in counts)
+    assert value("hydraserve_cold_start_ttft_ratio_count") == 1
+    fetched = [ln for ln in lines if ln.startswith("hydraserve_fetched_bytes_total{")]
+    assert fetched and all(float(ln.rsplit(" ", 1)[1]) > 0 for ln in fetched)
+    booked = [float(ln.rsplit(" ", 1)[1]) for ln in lines
+              if ln.startswith("hydraserve_gpu_memory_booked_bytes{")]
+    assert len(booked) == 4 and sum(booked) > 0  # the default cluster: 4 servers of 1 GPU
+    assert "hydraserve_nic_fetch_bookings{" in text and "hydraserve_warm_runtimes{" in text
+
+
+def _browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("no Chromium here: apt-get install chromium chromium-driver (.ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run", "--window-size=1280,1000"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_the_dashboard_shows_the_cold_start_in_a_browser(server, cold, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    iid = cold[0]["x-hydraserve-cold-start"]
+    with pytest.raises(urllib.error.HTTPError) as e:  # the page too needs the admin token
+        _get(server, "/dashboard", token=None)
+    assert e.value.code == 401
+    browser = _browser()
+    try:
+        browser.get(f"{server.url}/dashboard?token={TOKEN}")
+        row = f'.cold[data-id="{iid}"]'
+        # the live page fills in by itself: the cold start's row, its phase bar, a timeline row
+        # per stage with its segments
+        WebDriverWait(browser, 30).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, f"{row} .phase[data-phase]"))
+        phases = {el.get_attribute("data-phase") for el in
+                  browser.find_elements(By.CSS_SELECTOR, f"{row} .phase[data-phase]")}
+        assert {"imports", "first_token"} <= phases, phases
+        rec = _get(server, f"/admin/coldstarts/{iid}")
+        stage_rows = browser.find_elements(By.CSS_SELECTOR, f"{row} .stage-row")
+        assert len(stage_rows) == len(rec["stages"])
+        segments = browser.find_elements(By.CSS_SELECTOR, f"{row} .stage-row .segment")
+        assert {s.get_attribute("data-phase") for s in segments} >= {"fetch", "load"}
+        assert MODEL in browser.find_element(By.ID, "models").text
+        assert browser.find_element(By.ID, "error").text == ""
+        shot = tmp_path / "dashboard.png"
+        browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    _assert_not_blank(shot)
+    keep = os.environ.get("HYDRASERVE_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+
+
+def _assert_not_blank(png: Path) -> None:
+    from PIL import Image
+
+    img = Image.open(png).convert("RGB")
+    w, h = img.size
+    assert w >= 800 and h >= 600
+    colors = img.getcolors(maxcolors=1 << 20)
+    background = max(colors)[1]
+    drawn = sum(n for n, c in colors if c != background)
+    assert len(colors) > 30 and drawn > 0.05 * w * h, (len(colors), drawn / (w * h))
