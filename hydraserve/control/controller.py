@@ -92,7 +92,14 @@ class Controller:
         if old is not None:
             ep.queue, ep.instances = old.queue, old.instances
         s.endpoints[entry.name] = ep
-        log.info("model %s registered: %.2f GB, %d KV blocks per worker", entry.name, size, blocks)
+        scale = s.cluster_cfg.scale.size_scale
+        if entry.size_gb is None and scale != 1:
+            log.info("model %s registered: %.2f GB at the cluster's 1/%g scale (%.2f GB on disk, "
+                     "counted x%g so that fetch times are a full-size model's), %d KV blocks "
+                     "per worker", entry.name, size, scale, size / scale, scale, blocks)
+        else:
+            log.info("model %s registered: %.2f GB, %d KV blocks per worker", entry.name, size,
+                     blocks)
         largest = max((g for srv in s.cluster_cfg.servers for g in srv.gpus), default=0.0)
         if size > largest:
             log.warning("model %s (%.1f GB) fits on no single GPU of this cluster (the largest has "
@@ -140,6 +147,9 @@ class Controller:
         as `autoscale.decide` says."""
         self.router.expire(ep, now)
         self.router.assign(ep)
+        for inst in ep.instances:  # the requests that joined a starting instance's slots
+            if inst.state is InstanceState.STARTING and ep.queue:
+                self.state.tag_waiting(ep, inst)
         view = autoscale.EndpointView(len(ep.queue),
                                       tuple(autoscale.InstanceView.of(i) for i in ep.instances))
         decision = autoscale.decide(view, now, self.scaling)

@@ -128,13 +128,20 @@ class ControlState:
             pl.from_cache, inst.created,
             [StageTrace(st.rank, st.node, st.claim.gpu, st.all_card) for st in inst.stages],
             timeline=inst.timeline))
-        waiting = [r for r in ep.queue if r.cold_start is None][:inst.capacity]
-        for r in waiting:
-            r.cold_start = inst.id
-            r.placed.set()
+        waiting = self.tag_waiting(ep, inst)
         if waiting:
             rec.arrival = min(r.arrival for r in waiting)
         return rec
+
+    def tag_waiting(self, ep: Endpoint, inst: Instance) -> list[Request]:
+        """Tag the queued requests that a starting ``inst`` will take first (those without a
+        cold start yet, up to its free capacity) with it; the ones tagged now."""
+        taken = sum(1 for r in ep.queue if r.cold_start == inst.id)
+        waiting = [r for r in ep.queue if r.cold_start is None][:max(0, inst.capacity - taken)]
+        for r in waiting:
+            r.cold_start = inst.id
+            r.placed.set()
+        return waiting
 
     def add(self, ep: Endpoint, inst: Instance) -> None:
         ep.instances.append(inst)
