@@ -299,3 +299,31 @@ def test_workload_modules_do_not_import_torch():
     code = ("import sys, hydraserve.workload.make, hydraserve.workload.synthetic; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_synthetic_trace_has_the_paper_application_mix():
+    """The synthetic trace is thinned to the mix derived from Figures 9 and 11 (README, The
+    workload); within a couple of points for small traces, and per seed."""
+    from collections import Counter
+
+    from hydraserve.workload.arrivals import quotas, thin_by_group
+    from hydraserve.workload.make import APP_SHARES
+
+    assert sum(APP_SHARES.values()) == pytest.approx(1.0)
+    assert APP_SHARES == pytest.approx({"chatbot": 0.549, "code": 0.348,
+                                        "summarization": 0.103})
+    for seed, per_app, rate, dur in ((0, 8, 0.6, 600), (3, 4, 0.3, 600)):
+        meta, recs = make_trace(cv_factor=8, rate=rate, duration_s=dur, per_app=per_app,
+                                seed=seed)
+        n = Counter(r.application for r in recs)
+        assert len(recs) == round(rate * dur)
+        for app, share in APP_SHARES.items():
+            assert abs(n[app] / len(recs) - share) <= 0.02, (seed, app, n)
+        assert meta["app_shares"] == APP_SHARES
+    assert quotas([0.549, 0.348, 0.103], 2160) == [1186, 752, 222]
+    # a group short of its quota gives all it has; the rest go to the others, in time order
+    items, groups = np.arange(20), np.array([0] * 15 + [1] * 3 + [2] * 2)
+    kept = thin_by_group(items, groups, [0.2, 0.6, 0.2], 10, seed=1)
+    assert len(kept) == 10 and list(kept) == sorted(kept)
+    assert set(kept) >= {15, 16, 17}
+    assert np.array_equal(kept, thin_by_group(items, groups, [0.2, 0.6, 0.2], 10, seed=1))

@@ -141,3 +141,51 @@ def thin(items: Sequence[T] | np.ndarray, target: int, seed: int) -> list[T] | n
     if isinstance(items, np.ndarray):
         return items[keep]
     return [items[i] for i in keep.tolist()]
+
+
+def quotas(shares: Sequence[float], target: int) -> list[int]:
+    """``target`` split in proportion to ``shares`` (non-negative, not all zero) by largest
+    remainder: the counts sum to ``target`` exactly; ties go to the earlier share."""
+    w = np.asarray(shares, dtype=np.float64)
+    if target < 0 or len(w) == 0 or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"need target >= 0 and non-negative shares, got {target}, {shares}")
+    exact = w / w.sum() * target
+    out = np.floor(exact).astype(np.int64)
+    rest = np.argsort(-(exact - out), kind="stable")[: target - int(out.sum())]
+    out[rest] += 1
+    return out.tolist()
+
+
+def thin_by_group(items: np.ndarray, groups: np.ndarray, shares: Sequence[float], target: int,
+                  seed: int) -> np.ndarray:
+    """A seeded sample of ``target`` of ``items`` (all of them when there are fewer) in which
+    group g (``groups[i]`` in 0..len(shares)-1) gets ``quotas(shares, target)[g]`` items, each
+    group a uniform sample of its own items; a group with fewer items than its quota gives all
+    of them and its shortfall goes to the other groups in proportion to their shares. The kept
+    items stay in their original (time) order."""
+    items, groups = np.asarray(items), np.asarray(groups, dtype=np.int64)
+    n, k = len(items), len(shares)
+    if len(groups) != n or (n and (groups.min() < 0 or groups.max() >= k)):
+        raise ValueError("groups must give every item a group in 0..len(shares)-1")
+    if target >= n:
+        return items.copy()
+    members = [np.flatnonzero(groups == g) for g in range(k)]
+    share = np.asarray(shares, dtype=np.float64)
+    want = np.zeros(k, dtype=np.int64)
+    open_ = [g for g in range(k) if share[g] > 0 or not share.any()]
+    left = target
+    while left > 0 and open_:
+        q = quotas([share[g] if share.any() else 1.0 for g in open_], left)
+        full = []
+        for g, c in zip(open_, q):
+            room = len(members[g]) - int(want[g])
+            want[g] += min(c, room)
+            left -= min(c, room)
+            if c >= room:
+                full.append(g)
+        open_ = [g for g in open_ if g not in full]
+    rng = np.random.default_rng([seed, 2])
+    keep = np.sort(np.concatenate(
+        [np.empty(0, dtype=np.int64)] +
+        [rng.choice(members[g], size=int(want[g]), replace=False) for g in range(k)]))
+    return items[keep]

@@ -4,7 +4,8 @@ every execution type.
 A trace file is JSONL. The first line is ``{"meta": {...}}`` with at least ``version`` (1),
 ``n_requests``, and from ``make_trace``: ``seed, cv, rate, duration_s, per_app, endpoints``
 (their number), ``source`` ("azure" | "synthetic"), ``target_requests``,
-``max_output_tokens``. Then one request per line, sorted by time (seconds from the start of the
+``max_output_tokens``, and for a synthetic trace ``app_shares`` (the application mix it was
+thinned to). Then one request per line, sorted by time (seconds from the start of the
 run), with exactly these fields::
 
     {"time": 12.345678, "endpoint": "Llama2-13B-3", "model": "Llama2-13B",
@@ -23,13 +24,23 @@ from pathlib import Path
 
 import numpy as np
 
-from hydraserve.workload.arrivals import compress, map_to_endpoints, regenerate, thin
+from hydraserve.workload.arrivals import (compress, map_to_endpoints, regenerate, thin,
+                                          thin_by_group)
+from hydraserve.workload.requests import Application
 from hydraserve.workload.requests import endpoints as make_endpoints
 from hydraserve.workload.requests import sample_lengths, slo
 
 VERSION = 1
 DAY = 86400.0
 TRACE_DAYS = 14.0  # the Azure Functions 2021 trace: two weeks
+
+# The application mix of the paper's end-to-end trace, which the synthetic trace is thinned to
+# (the real trace's mix is whatever its functions give). Derived from PAPER.md 12: at CV 8,
+# 0.6 req/s each system's total attainment (Figure 9) is the share-weighted sum of its
+# per-application attainments (Figure 11); the shares that fit the four systems best in the
+# least-squares sense, with the shares summing to 1, are 54.86% / 34.83% / 10.30% (residuals
+# under 0.04 points of attainment; README "The workload").
+APP_SHARES = {"chatbot": 0.549, "code": 0.348, "summarization": 0.103}
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,9 @@ def _window_seed(seed: int, endpoint: int) -> int:
 
 def make_trace(cv_factor: float = 8, rate: float = 0.6, duration_s: float = 3600,
                per_app: int = 64, seed: int = 0, azure: str | Path | None = None,
-               max_output_tokens: int | None = None) -> tuple[dict, list[TraceRecord]]:
+               max_output_tokens: int | None = None,
+               app_shares: dict[str, float] | None = APP_SHARES
+               ) -> tuple[dict, list[TraceRecord]]:
     """The trace of one end-to-end setting, deterministic for a seed.
 
     1. Invocations: the Azure CSV ``azure`` or, without it, ``synthetic_invocations(seed)``;
@@ -71,7 +84,11 @@ def make_trace(cv_factor: float = 8, rate: float = 0.6, duration_s: float = 3600
     3. Per endpoint, per 600 s window with > 2 arrivals: a Gamma fit, CV x ``cv_factor``,
        arrivals regenerated (seeds distinct per endpoint and window).
     4. 14 days -> 1 day -> ``duration_s`` (the paper: one hour).
-    5. A seeded uniform sample of round(rate * duration_s) requests (all of them if fewer).
+    5. A seeded sample of round(rate * duration_s) requests (all of them if fewer): from the
+       Azure trace a uniform one (the paper's); from the synthetic trace, whose application
+       mix is an accident of its function order, a uniform sample per application with
+       ``app_shares`` of the requests (default ``APP_SHARES``, the paper's mix; None: uniform
+       as for the Azure trace).
     6. Per request, prompt and output lengths of its application (seeded) and the SLOs of its
        application and model; ``max_output_tokens`` caps the output (for CPU runs).
     Endpoints with no arrivals simply get no requests."""
@@ -95,7 +112,17 @@ def make_trace(cv_factor: float = 8, rate: float = 0.6, duration_s: float = 3600
     t_all, o_all = np.concatenate(times), np.concatenate(owners)
     order = np.lexsort((o_all, t_all))
     target = int(round(rate * duration_s))
-    keep = thin(order, target, seed)
+    shares = None if azure else app_shares
+    if shares:
+        apps = [a.value for a in Application]
+        unknown = set(shares) - set(apps)
+        if unknown:
+            raise ValueError(f"app_shares: unknown application(s) {sorted(unknown)}")
+        app_of = np.array([apps.index(ep.application) for ep in eps], dtype=np.int64)
+        keep = thin_by_group(order, app_of[o_all[order]],
+                             [float(shares.get(a, 0.0)) for a in apps], target, seed)
+    else:
+        keep = thin(order, target, seed)
     rng = np.random.default_rng([seed, 1])
     records = []
     for i in keep.tolist():
@@ -111,6 +138,8 @@ def make_trace(cv_factor: float = 8, rate: float = 0.6, duration_s: float = 3600
             "duration_s": duration_s, "per_app": per_app, "endpoints": len(eps),
             "source": "azure" if azure else "synthetic", "target_requests": target,
             "n_requests": len(records), "max_output_tokens": max_output_tokens}
+    if shares:
+        meta["app_shares"] = {a: float(shares.get(a, 0.0)) for a in apps}
     return meta, records
 
 

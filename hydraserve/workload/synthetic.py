@@ -23,6 +23,14 @@ Defaults (all our choice, none measured from the real trace):
   (summarization attainment 99.6%, so at least ~250 requests) had far more. The onsets make
   the order independent of the rates. How the real file's order relates to the rates we
   cannot tell without it.
+- the application mix is not decided here: with the onsets the function order, and so the
+  share of requests each application's endpoint blocks get, is an accident of the seed (about
+  25% chatbot, 30% code, 45% summarization at seed 0, while the paper's figures imply about
+  55 / 35 / 10). ``make_trace`` therefore thins a synthetic trace per application to the
+  paper's mix (``make.APP_SHARES``): a uniform sample within each application, so the
+  arrival process of every endpoint is thinned uniformly as in the paper, only at a rate per
+  application. We chose this over reweighting the function-to-endpoint blocks, which would
+  break the paper's contiguous equal blocks. The Azure trace is never reweighted.
 Functions never invoked (expected count below one) do not appear.
 """
 from __future__ import annotations
