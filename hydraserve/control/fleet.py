@@ -19,6 +19,7 @@ from hydraserve.protocol import Peer, WorkerSpec
 
 WORKER_START_S = 180.0  # a worker's control API must serve within this
 FETCH_WAIT_S = 3600.0  # the longest wait for a stage's weights (a long-poll, re-armed)
+FETCH_POLL_S = 0.05  # the poll of an agent's fetch record (presets that start after the fetch)
 
 log = logging.getLogger("hydraserve.control")
 
@@ -76,6 +77,9 @@ class Fleet:
                 kind = "full" if p == 1 else "stage"
                 await asyncio.gather(*(cluster.prefetch(s.node, ep.name, kind, p, s.rank)
                                        for s in inst.stages))
+                if st.preset.start_after_fetch:  # ServerlessLLM: checkpoint first, then runtime
+                    await asyncio.gather(*(self._fetched(ep.name, kind, p, s)
+                                           for s in inst.stages))
             for s in inst.stages:
                 if rec is not None:
                     rec.stage(s.rank).ordered = st.clock()
@@ -106,6 +110,22 @@ class Fleet:
         st.spawn(self._watch_fetches(inst))
         if inst.placement.consolidate:
             st.spawn(self.consolidation.run(ep, inst))
+
+    async def _fetched(self, model: str, kind: str, p: int, stage: Stage) -> None:
+        """Wait until ``stage``'s node holds its whole image in host memory (the agent's fetch
+        record says done; none: nothing is being fetched, e.g. a cached checkpoint)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FETCH_WAIT_S
+        while True:
+            try:
+                stats = await self.s.cluster.fetch_stats(stage.node, model, kind, p, stage.rank)
+            except (AttributeError, NotImplementedError):  # a backend without fetch records
+                return
+            if stats is None or stats["done"]:
+                return
+            if loop.time() > deadline:
+                raise WorkerError(f"the fetch of {model} on {stage.node} did not complete", 504)
+            await asyncio.sleep(FETCH_POLL_S)
 
     async def _serving(self, rec, stage: Stage):
         """Wait until ``stage``'s worker serves its control API; its client."""

@@ -43,7 +43,9 @@ class SimCluster:
         self.cfg = cfg
         self.shapes = dict(shapes)
         self.cost = cost or CostModel.gpu_default()
-        self.gpu = {s.name: GPUS[(gpu_of or {}).get(s.name, gpu_kind(s))] for s in cfg.servers}
+        kinds = {s.name: (gpu_of or {}).get(s.name, gpu_kind(s)) for s in cfg.servers}
+        self.gpu = {name: GPUS[kind] for name, kind in kinds.items()}
+        self.host_cost = {name: self.cost.on(kind) for name, kind in kinds.items()}
         self.net = FluidNetwork({s.name: s.nic_gbps for s in cfg.servers}, cfg.egress_gbps)
         # one machine's cores shared by every server's imports (the local testbed), or none
         self.cpu = FluidNetwork({"cpu": float(self.cost.shared_cores)}, flow_cap=1.0) \
@@ -206,7 +208,7 @@ class SimWorker:
     def __init__(self, cluster: SimCluster, spec: WorkerSpec, stage_port: int):
         loop = asyncio.get_running_loop()
         self.cluster, self.spec, self.stage_port = cluster, spec, stage_port
-        self.cost = cluster.cost
+        self.cost = cluster.host_cost[spec.node]
         self.shape = cluster.shapes[spec.model]
         self.gpu: GpuSpec = cluster.gpu[spec.node]
         self.t0 = loop.time()
@@ -228,6 +230,18 @@ class SimWorker:
         self.changed.set()
 
     async def _boot(self) -> None:
+        """The worker's start. Three paths, by its spec:
+        - HydraServe (PAPER.md 2.3): the fetch was ordered before the worker exists; the imports
+          overlap it and tensors are copied while bytes arrive, so only the last chunk is left
+          to copy when the fetch ends (streaming_load).
+        - Serverless vLLM (late_attach, no streaming): the worker starts its own download once
+          up, then vLLM's stock loader reads the file to host memory and copies each tensor to
+          the GPU, at PCIe / `vllm_loader_slowdown`; a stock engine start (profile_s) follows.
+        - ServerlessLLM (no late attach, no streaming): the control plane starts it only once
+          the checkpoint is in host memory (`Preset.start_after_fetch`), so the fetch it
+          attaches to is complete (or none: cached); its loader copies the checkpoint host ->
+          GPU at PCIe speed (ServerlessLLM's paper: the loader runs at the bandwidth of the
+          tier); its runtime is a stock vLLM engine (profile_s)."""
         s, c = self.spec, self.cost
         await asyncio.sleep(c.process_s)
         self._mark("attached")
@@ -249,11 +263,14 @@ class SimWorker:
             await flow.done
         if s.streaming_load and not s.late_attach:  # copied while bytes arrived: the tail left
             copy = min(self.gb, CHUNK_GB) / self.gpu.pcie_gbs
-        else:
+        elif s.late_attach:  # vLLM's stock loader, after the download
+            copy = self.gb / (self.gpu.pcie_gbs / c.vllm_loader_slowdown)
+        else:  # ServerlessLLM's loader from host memory
             copy = self.gb / self.gpu.pcie_gbs
         await asyncio.sleep(copy)
         self._mark("weights_ready")
-        await asyncio.sleep(c.engine_init_s + (c.profile_s if s.late_attach else 0.0))
+        stock_engine = not s.streaming_load  # the baselines' vLLM engine: profiling on
+        await asyncio.sleep(c.engine_init_s + (c.profile_s if stock_engine else 0.0))
         self._mark("engine_ready")
         self.state = "ready"
         self.ready.set_result(True)
