@@ -58,6 +58,13 @@ FIELDS = ["exec_type", "model", "backend", "ttft_s", "tpot_ms", "trials", "queue
           "load_s", "init_s", "first_token_s"]
 QUICK_MODELS = ("OPT-2.7B", "Llama2-7B")
 SHARE = {"serverlessllm": False, "serverlessllm_with_cached_model": False}  # PAPER.md 8
+# The fp16 checkpoints' bytes at the paper's scale (--sim): 2 bytes per parameter, the
+# parameter counts of the models' cards and configs (OPT-2.7B 2.65e9, OPT-6.7B 6.66e9, OPT-13B
+# 12.85e9, Llama-2-7B 6.74e9, Llama-2-13B 13.02e9, Llama-3-8B 8.03e9, Falcon-7B 6.92e9). What a
+# cold start fetches and loads (PAPER.md 10's sizes round up: 7 GB for OPT-2.7B's 5.3); the
+# simulated placement claims them too (each still fits: Llama-3-8B 16.1 + 5 <= 22 GB, A10).
+CHECKPOINT_GB = {"OPT-2.7B": 5.3, "OPT-6.7B": 13.3, "OPT-13B": 25.7, "Llama2-7B": 13.5,
+                 "Llama2-13B": 26.0, "Llama3-8B": 16.1, "Falcon-7B": 13.8}
 
 
 def write_configs(out: Path, backend: str, models: list[str], exec_type: str,
@@ -214,7 +221,8 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
         setting = SimSetting(exec_type, cfg,
                              CostModel.local_cpu() if local_cpu else CostModel.gpu_default(),
                              static_p=4 if exec_type == "hydraserve" else None,
-                             sizes_gb=((model, gb),), device="cpu" if local_cpu else None)
+                             sizes_gb=((model, gb if local_cpu else CHECKPOINT_GB[model]),),
+                             device="cpu" if local_cpu else None)
         with tempfile.TemporaryDirectory() as tmp:
             (res,), _ = simulate([record], setting, tmp)
         if res["error"] is not None:
