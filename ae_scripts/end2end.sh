@@ -11,6 +11,8 @@
 # KEEP_ALIVE (default 30), TPOT_SLO_SCALE (default: TTFT attainment only).
 # end2end.sh EXEC_TYPE CV REQ_RATE --sim   runs the same setting at the paper's scale in the
 # simulator instead (no server needed; seconds): results/end2end/EXEC_TYPE-cvCV-rateREQ_RATE-sim/.
+# With SEEDS=N it runs trace seeds SEED..SEED+N-1 and writes the per-seed summaries and
+# results/end2end/sim-aggregate.json (mean and min-max over the seeds, which the figures draw).
 set -euo pipefail
 if [ $# -lt 3 ] || [ $# -gt 4 ] || { [ $# -eq 4 ] && [ "$4" != "--sim" ]; }; then
   echo "usage: $0 EXEC_TYPE CV REQ_RATE [--sim]" >&2; exit 2
@@ -21,6 +23,7 @@ if [ "${4:-}" = "--sim" ]; then
        --duration "${DURATION:-3600}" --seed "${SEED:-0}" --keep-alive "${KEEP_ALIVE:-30}")
   if [ -n "${OUT:-}" ]; then sim+=(--out "$OUT"); fi
   if [ -n "${AZURE:-}" ]; then sim+=(--azure "$AZURE"); fi
+  if [ -n "${SEEDS:-}" ]; then sim+=(--seeds "$SEEDS"); fi
   exec python "$here/run_end2end_expr.py" "${sim[@]}"
 fi
 args=(--url "http://127.0.0.1:${PORT:-8000}" --exec-types "$1" --cv "$2" --rate "$3"

@@ -3,14 +3,32 @@ published values, and the command-line and output conventions of the three scrip
 
 Our runs: every `summary.json` under the results root (normally
 `<root>/<exec_type>-cv<CV>-rate<RATE>/summary.json`, but any depth works), each naming its
-`exec_type`, `cv`, `rate` and `source` ("real": measured on GPUs, "sim": the simulator/CPU
-stand-in). Several runs of one setting (exec_type, cv, rate) may exist; the one used is
+`exec_type`, `cv`, `rate` and `source`:
+
+  * "real": the system really ran (`hydraserve serve` with its workers and the store). The
+    committed real runs are CPU runs at reduced size and scale: a few endpoints per
+    application, a 1/100-scale hybrid testbed (checkpoints and NIC rates divided by 100), CPU
+    stand-ins for the GPU models, short traces at a low rate; their `setting` says which.
+    Figures label them with their size and scale.
+  * "sim": the simulator (`hydraserve sim`: the real control plane on a simulated full-size
+    hybrid testbed in virtual time, the GPU cost model) at the paper's scale.
+
+Several runs of one setting (exec_type, cv, rate) may exist; the one used is
 
   1. a "real" run before a "sim" run (before any other source), then
   2. the most recently written `summary.json` among runs of the same source.
 
 A setting with no run falls back to the paper's published value (source "paper"), as the
 artifact's figure scripts fall back to their pre-computed results.
+
+Several trace seeds (`run_end2end_expr.py --sim --seeds N`): each simulated setting's folder
+keeps seed 0's full `summary.json` and a short summary per seed in `seeds/seed<K>.json`; the
+aggregate `<root>/sim-aggregate.json` holds, per setting, the mean and the spread over the
+seeds (min, max and the sample standard deviation) of the TTFT and TPOT attainments (total and
+per application), of the cost, and of Figure 13's ratio statistics. The figures draw a
+simulated setting's mean with min-max error bars when the aggregate has it and it agrees with
+the setting's `summary.json` (same value for that summary's seed; otherwise the aggregate is
+stale for the setting and the summary alone is drawn).
 """
 from __future__ import annotations
 
@@ -271,3 +289,162 @@ def emit_json(obj: Mapping[str, Any]) -> None:
     """The machine-readable result, alone on the last stdout line."""
     sys.stdout.flush()
     print(json.dumps(obj, sort_keys=False))
+
+
+# ---- several seeds: the aggregate of the simulated settings ----------------------------------
+
+AGGREGATE = "sim-aggregate.json"
+SEEDS_DIR = "seeds"
+_PARTS = ("total", *APPLICATIONS)
+FIG13_BASE, FIG13_OURS = "serverless_vllm", "hydraserve"
+FIG13_FIELDS = {"tpot_ratio": "tpot_ms_mean", "cost_ratio": "cost_gbs_per_request"}
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+        and math.isfinite(v) else None
+
+
+def summary_ratios(ours: Mapping[str, Any], base: Mapping[str, Any],
+                   field: str) -> dict[str, float]:
+    """Endpoint -> ours / base of a per-endpoint field of two summaries (endpoints with a value
+    in both and a positive baseline value), as Figure 13 computes it."""
+    mine, theirs = ours.get("per_endpoint") or {}, base.get("per_endpoint") or {}
+    out: dict[str, float] = {}
+    for name in sorted(set(mine) & set(theirs)):
+        a, b = _number(mine[name].get(field)), _number(theirs[name].get(field))
+        if a is not None and b is not None and b > 0:
+            out[name] = a / b
+    return out
+
+
+def seed_summary(summary: Mapping[str, Any], seed: int,
+                 base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The short per-seed summary kept in `seeds/seed<K>.json`: the setting, the seed, the
+    attainments, the cost and the TTFT percentiles; with `base` (Serverless vLLM's summary of
+    the same trace, for a HydraServe summary) also Figure 13's ratio statistics."""
+    out = {k: summary.get(k) for k in ("exec_type", "cv", "rate", "source", "requests",
+                                       "answered", "failed", "ttft_attainment",
+                                       "tpot_attainment", "cost_gbs_per_request", "instances",
+                                       "ttft_s")}
+    out["seed"] = seed
+    if base is not None:
+        out["figure13"] = {}
+        for metric, field in FIG13_FIELDS.items():
+            r = list(summary_ratios(summary, base, field).values())
+            out["figure13"][metric] = {**ratio_stats(r), "n": len(r)}
+    return out
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, min, max and sample standard deviation (0 for one value) of per-seed values."""
+    v = [float(x) for x in values]
+    return {"mean": statistics.fmean(v), "min": min(v), "max": max(v),
+            "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+
+
+def build_aggregate(results: Path) -> dict[str, Any]:
+    """The aggregate of every `<results>/*/seeds/seed<K>.json`, one entry per setting."""
+    groups: dict[Key, list[dict[str, Any]]] = {}
+    for path in sorted(results.glob(f"*/{SEEDS_DIR}/seed*.json")):
+        try:
+            s = json.loads(path.read_text())
+            k = key(s["exec_type"], s["cv"], s["rate"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"note: skipping {path}: {e}", file=sys.stderr)
+            continue
+        groups.setdefault(k, []).append(s)
+    entries = []
+    for (et, cv, rate), seeds in sorted(groups.items()):
+        seeds.sort(key=lambda s: s["seed"])
+        e: dict[str, Any] = {"exec_type": et, "cv": cv, "rate": rate,
+                             "source": seeds[0].get("source"),
+                             "seeds": [s["seed"] for s in seeds]}
+        for metric in ("ttft_attainment", "tpot_attainment"):
+            parts = {}
+            for part in _PARTS:
+                vals = [_number((s.get(metric) or {}).get(part)) for s in seeds]
+                if all(v is not None for v in vals):
+                    parts[part] = spread(vals)
+            e[metric] = parts
+        cost = [_number(s.get("cost_gbs_per_request")) for s in seeds]
+        e["cost_gbs_per_request"] = spread(cost) if all(c is not None for c in cost) else None
+        if all("figure13" in s for s in seeds):
+            e["figure13"] = {}
+            for metric in FIG13_FIELDS:
+                stats_ = {}
+                for stat in ("mean", "median", "frac_below_1"):
+                    vals = [_number(s["figure13"][metric].get(stat)) for s in seeds]
+                    if all(v is not None for v in vals):
+                        stats_[stat] = spread(vals)
+                e["figure13"][metric] = stats_
+        entries.append(e)
+    return {"what": "per simulated setting, the mean and the spread over trace seeds; "
+                    "spread = min and max over the seeds, std = sample standard deviation; "
+                    "'values' are per seed, in the order of 'seeds'",
+            "entries": entries}
+
+
+def write_aggregate(results: Path) -> Path:
+    """Build the aggregate of `results` and write it to `<results>/sim-aggregate.json`."""
+    path = results / AGGREGATE
+    path.write_text(json.dumps(build_aggregate(results), indent=1) + "\n")
+    return path
+
+
+def load_aggregate(results: Path) -> dict[Key, dict[str, Any]]:
+    """The aggregate's entries by setting (empty when there is none)."""
+    path = results / AGGREGATE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {key(e["exec_type"], e["cv"], e["rate"]): e for e in data["entries"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"note: ignoring unreadable {path}: {e}", file=sys.stderr)
+        return {}
+
+
+def run_seed(run: Run) -> int | None:
+    """The trace seed of a run (from its summary's setting), None when it does not say."""
+    trace = (run.summary.get("setting") or {}).get("trace") or {}
+    seed = trace.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def seed_entry(run: Run | None, agg: Mapping[Key, Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The aggregate entry of a run's setting when it applies: a simulated run, an entry with at
+    least two seeds including the run's own, whose total TTFT attainment for that seed is the
+    run's (else the aggregate is stale for the setting and None is returned)."""
+    if run is None or run.source != "sim":
+        return None
+    e = agg.get(key(run.exec_type, run.cv, run.rate))
+    seed = run_seed(run)
+    if not e or seed is None or seed not in e.get("seeds", []) or len(e["seeds"]) < 2:
+        return None
+    total = (e.get("ttft_attainment") or {}).get("total")
+    mine = run.ttft()
+    if not total or mine is None or abs(total["values"][e["seeds"].index(seed)] - mine) > 1e-6:
+        return None
+    return e
+
+
+def seed_spread(run: Run | None, agg: Mapping[Key, Mapping[str, Any]],
+                part: str = "total") -> dict[str, Any] | None:
+    """The TTFT attainment spread of `part` over the seeds of a run's setting (see seed_entry),
+    None when the aggregate does not apply."""
+    e = seed_entry(run, agg)
+    return None if e is None else (e.get("ttft_attainment") or {}).get(part)
+
+
+def scale_label(run: Run) -> str | None:
+    """How a real run's reduced size and scale are named in the figures ("CPU run: 24
+    endpoints, 1/100 scale, 0.05 req/s x 600 s"), None for other sources."""
+    if run.source != "real":
+        return None
+    st = run.summary.get("setting") or {}
+    scale = re.search(r"1/\d+ scale", str(st.get("testbed") or ""))
+    bits = [f"{st['endpoints']} endpoints" if st.get("endpoints") else None,
+            scale.group(0) if scale else None,
+            f"{num(st['duration_s'])} s" if st.get("duration_s") else None]
+    return "CPU run: " + ", ".join(b for b in bits if b) if any(bits) else "CPU run"

@@ -15,13 +15,18 @@ Each panel is the CDF of our ratios over the endpoints, with the paper's mean an
 for (b), its 88% of endpoints below 1.0) drawn as reference lines and stated in the legend. The
 paper publishes only these summary statistics, not per-endpoint values; when one of our two
 runs is missing (or they share no endpoint with values) a panel shows the paper's statistics
-alone and says so.
+alone and says so. When `<results>/sim-aggregate.json` has both simulated runs' setting with
+several trace seeds (and agrees with their summaries), the CDF is still the first seed's and the
+panel adds the mean over the seeds of the per-seed mean ratio with its min-max range (a shaded
+band). A real run (a reduced CPU run) is named in the title with its size and scale.
 
 Prints mean, median and fraction below 1.0, ours beside the paper's, and with `--json` prints
 as the last stdout line `{"a": {...}, "b": {...}}`, each with mean, median, frac_below_1, n
 (endpoints in our CDF; 0 when only the paper's values are shown), source ("real" when both runs
 are real, "sim" when either is simulated, "paper" when the values are the paper's), sources (of
-our two runs), ratios (endpoint -> ratio) and paper (the paper's statistics).
+our two runs), ratios (endpoint -> ratio), paper (the paper's statistics) and seeds (null, or
+n and the spread over the seeds -- mean, min, max, std, values -- of each of mean, median and
+frac_below_1).
 """
 from __future__ import annotations
 
@@ -89,13 +94,27 @@ def panel_result(panel: Panel, ours: e2e.Run | None, base: e2e.Run | None,
     if ratios and ours is not None and base is not None:
         return {**e2e.ratio_stats(list(ratios.values())), "n": len(ratios),
                 "source": combined_source([ours, base]), "sources": sources, "ratios": ratios,
-                "paper": dict(paper), "note": None}
+                "paper": dict(paper), "note": None, "seeds": None}
     missing = [et for et, r in ((OURS, ours), (BASE, base)) if r is None]
     note = (f"no {' or '.join(missing)} run at {where}" if missing else
             f"the two runs at {where} share no endpoint with a {panel.field} value")
     return {"mean": paper.get("mean"), "median": paper.get("median"),
             "frac_below_1": paper.get("frac_below_1"), "n": 0, "source": e2e.PAPER,
-            "sources": sources, "ratios": {}, "paper": dict(paper), "note": note}
+            "sources": sources, "ratios": {}, "paper": dict(paper), "note": note,
+            "seeds": None}
+
+
+def seed_result(panel: Panel, ours: e2e.Run | None, base: e2e.Run | None,
+                agg: Mapping[e2e.Key, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The spread over trace seeds of the panel's statistics, when the aggregate applies to
+    both runs (see end2end_results.seed_entry) and holds Figure 13's statistics."""
+    mine, theirs = e2e.seed_entry(ours, agg), e2e.seed_entry(base, agg)
+    if mine is None or theirs is None or mine["seeds"] != theirs["seeds"]:
+        return None
+    stats = (mine.get("figure13") or {}).get(panel.metric)
+    if not stats or "mean" not in stats:
+        return None
+    return {"n": len(mine["seeds"]), **stats}
 
 
 def plot(panel: Panel, res: Mapping[str, Any], where: str) -> Figure:
@@ -116,6 +135,15 @@ def plot(panel: Panel, res: Mapping[str, Any], where: str) -> Figure:
                    label=f"ours mean {res['mean']:.2f}")
         ax.axvline(res["median"], color="#c44e52", linestyle=":", linewidth=1.2,
                    label=f"ours median {res['median']:.2f}")
+        sd = res.get("seeds")
+        if sd:
+            m = sd["mean"]
+            ax.axvspan(m["min"], m["max"], color="#c44e52", alpha=0.15,
+                       label=f"ours mean over {sd['n']} seeds {m['mean']:.2f} "
+                             f"(min-max {m['min']:.2f}-{m['max']:.2f})")
+            xs += [m["min"], m["max"]]
+            lo, hi = min(xs), max(xs)
+            pad = max(0.05, 0.08 * (hi - lo))
     else:
         ax.text(0.5, 0.5, f"{res['note']}:\nthe paper's summary statistics only\n"
                 "(it publishes no per-endpoint values)", transform=ax.transAxes, ha="center",
@@ -138,6 +166,8 @@ def plot(panel: Panel, res: Mapping[str, Any], where: str) -> Figure:
     ax.legend(fontsize=7.5, loc="lower right")
     what = (f"ours ({res['source']}) vs paper" if res["source"] != e2e.PAPER
             else "no CDF of ours: paper only")
+    if res.get("scales"):
+        what += f"; real: {'; '.join(res['scales'])}"
     ax.set_title(f"Figure 13{panel.name}: {panel.title} per endpoint, ours at {where}\n"
                  f"{what} (NSDI'26, CV 8, 0.6 req/s)", fontsize=9.5)
     fig.tight_layout()
@@ -151,14 +181,18 @@ def report(results: Mapping[str, Mapping[str, Any]]) -> str:
         r = results[panel.name]
         mine = r["source"] != e2e.PAPER
         p = r["paper"]
+        sd = r.get("seeds")
+        seeds = (f"{sd['mean']['mean']:.3f} ({sd['mean']['min']:.3f}-{sd['mean']['max']:.3f}, "
+                 f"{sd['n']} seeds)" if sd else "-")
         rows.append([f"{panel.name} {panel.metric}", r["source"],
                      e2e.fmt(r["mean"] if mine else None, 3),
                      e2e.fmt(r["median"] if mine else None, 3),
                      e2e.fmt(r["frac_below_1"] if mine else None, 2), str(r["n"]),
                      e2e.fmt(p.get("mean"), 2), e2e.fmt(p.get("median"), 2),
-                     e2e.fmt(p.get("frac_below_1"), 2)])
+                     e2e.fmt(p.get("frac_below_1"), 2), seeds])
     return e2e.table(["panel", "source", "ours mean", "ours median", "ours <1", "n",
-                      "paper mean", "paper median", "paper <1"], rows, left=2)
+                      "paper mean", "paper median", "paper <1", "ours mean over seeds"],
+                     rows, left=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,16 +201,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = runs.get(e2e.key(OURS, args.cv, args.rate))
     base = runs.get(e2e.key(BASE, args.cv, args.rate))
     paper = e2e.load_paper_fig13(args.paper)
+    agg = e2e.load_aggregate(args.results)
+    scales = sorted({sc for r in (ours, base) if r is not None
+                     and (sc := e2e.scale_label(r)) is not None})
     where = f"CV {e2e.num(args.cv)}, {e2e.num(args.rate)} req/s"
     results: dict[str, dict[str, Any]] = {}
     written: list[Path] = []
     for panel in PANELS:
         res = panel_result(panel, ours, base, paper.get(panel.metric, {}), where)
+        if res["source"] != e2e.PAPER:
+            res["seeds"] = seed_result(panel, ours, base, agg)
+        plot_res = {**res, "scales": scales}
         results[panel.name] = res
         if res["note"]:
             print(f"note: figure 13{panel.name}: {res['note']}: showing the paper's summary "
                   "statistics only")
-        fig = plot(panel, res, where)
+        fig = plot(panel, plot_res, where)
         written += e2e.save(fig, args.out, f"figure13-{panel.name}")
         plt.close(fig)
     print(f"Figure 13: HydraServe / Serverless vLLM per endpoint, ours at {where} vs paper at "

@@ -18,6 +18,14 @@ model, one hour, outputs up to 1024 tokens); flags shrink a run to a small machi
 a simulated cluster in virtual time) at the paper's scale (the full-size hybrid testbed, GPU
 cost model) in seconds; results go to `<out>/<exec_type>-cv<CV>-rate<RATE>-sim/`.
 `--sweep` with `--sim`: every CV (2, 4, 8) x rate (0.6, 0.7, 0.8) x execution type.
+`--seeds N` with `--sim`: every setting with trace seeds --seed .. --seed+N-1 (0..N-1 by
+default). The first seed's full summary stays in the setting's folder (`summary.json`, as
+without --seeds); every seed's short summary goes to `<folder>/seeds/seed<K>.json` (HydraServe's
+with Figure 13's ratio statistics against Serverless vLLM on the same trace, when both run in
+the same invocation), and `<out>/sim-aggregate.json` gets, per setting, the mean and the spread
+(min, max, sample standard deviation) over the seeds; the figures draw the mean with min-max
+error bars. Each simulated run takes ~10-20 s of CPU at the paper's scale (the trace ~15 s
+more per seed and setting): the whole sweep with 5 seeds is 36 x 5 runs, about an hour.
 
 Client mode (what ae_scripts/end2end.sh runs): `--url URL` replays against a server started by
 `ae_scripts/start_server.sh 1 ...` (whose lifecycle log is in the same run folder).
@@ -124,7 +132,11 @@ def main() -> None:
                     help="seconds of trace (one day compressed into it; default 3600)")
     ap.add_argument("--max-output-tokens", type=int, default=None,
                     help="cap every request's output (CPU runs; default: the trace's, <= 1024)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
+    ap.add_argument("--seeds", type=int, default=None, metavar="N",
+                    help="with --sim: run every setting with trace seeds --seed .. --seed+N-1 "
+                         "and write the per-seed summaries and sim-aggregate.json (mean and "
+                         "spread over the seeds)")
     ap.add_argument("--azure", default=None, help="the Azure Functions 2021 trace CSV, if you "
                                                   "have it (default: a synthetic trace)")
     ap.add_argument("--keep-alive", type=float, default=30.0)
@@ -153,6 +165,8 @@ def main() -> None:
     bad = [e for e in exec_types if e not in EXEC_TYPES]
     if bad:
         sys.exit(f"unknown exec type(s) {bad}; choose from {', '.join(EXEC_TYPES)}")
+    if args.seeds is not None and (args.seeds < 1 or not args.sim):
+        sys.exit("--seeds N needs --sim and N >= 1")
     out = Path(args.out)
     if args.run_dir:
         print(run_dir(out, exec_types[0], args.cv, args.rate))
@@ -166,15 +180,7 @@ def main() -> None:
     if args.sim:
         settings = [(cv, rate) for cv in (2, 4, 8) for rate in (0.6, 0.7, 0.8)] \
             if args.sweep else [(args.cv, args.rate)]
-        for cv, rate in settings:
-            args.cv, args.rate = cv, rate
-            for et in exec_types:
-                folder = run_dir(out, et, cv, rate, sim=True)
-                folder.mkdir(parents=True, exist_ok=True)
-                make_trace(folder / "trace.jsonl", args)
-                hydraserve("sim", str(folder / "trace.jsonl"), "--exec-type", et, "--out",
-                           str(folder), "--keep-alive", _num(args.keep_alive))
-                (folder / "trace.jsonl").unlink()  # made again from the seed in seconds
+        simulate(out, settings, exec_types, args)
         if not args.no_figure:
             draw(out)
         return
@@ -210,6 +216,52 @@ def main() -> None:
         print(format_summary(s))
     if not args.no_figure and not args.url:
         draw(out)
+
+
+def simulate(out: Path, settings: list[tuple[float, float]], exec_types: list[str],
+             args: argparse.Namespace) -> None:
+    """Simulate every setting x execution type (x seed with --seeds): the trace is made once
+    per setting and seed (every execution type replays the same one); the first seed's results
+    go to the setting's folder, the others' to a scratch folder, of which only the short
+    per-seed summary is kept."""
+    sys.path.insert(0, str(ROOT / "ae_scripts"))
+    import end2end_results as e2e
+
+    first = args.seed
+    seeds = range(first, first + (args.seeds or 1))
+    for cv, rate in settings:
+        args.cv, args.rate = cv, rate
+        for seed in seeds:
+            args.seed = seed
+            summaries: dict[str, dict] = {}
+            with tempfile.TemporaryDirectory() as tmp:
+                trace = Path(tmp) / "trace.jsonl"  # made again from the seed in seconds
+                make_trace(trace, args)
+                for et in exec_types:
+                    folder = run_dir(out, et, cv, rate, sim=True)
+                    where = folder if seed == first else Path(tmp) / et
+                    where.mkdir(parents=True, exist_ok=True)
+                    hydraserve("sim", str(trace), "--exec-type", et, "--out", str(where),
+                               "--keep-alive", _num(args.keep_alive))
+                    summaries[et] = json.loads((where / "summary.json").read_text())
+            if args.seeds is None:
+                continue
+            for et, summary in summaries.items():
+                base = summaries.get(e2e.FIG13_BASE) if et == e2e.FIG13_OURS else None
+                short = run_dir(out, et, cv, rate, sim=True) / e2e.SEEDS_DIR / f"seed{seed}.json"
+                short.parent.mkdir(parents=True, exist_ok=True)
+                short.write_text(json.dumps(e2e.seed_summary(summary, seed, base), indent=1)
+                                 + "\n")
+    args.seed = first
+    if args.seeds is not None:
+        path = e2e.write_aggregate(out)
+        print(f"wrote {path}")
+        for e in e2e.build_aggregate(out)["entries"]:
+            t = (e.get("ttft_attainment") or {}).get("total")
+            if t and (e["cv"], e["rate"]) in {(round(c, 6), round(r, 6)) for c, r in settings}:
+                print(f"{e['exec_type']:>22} cv {e2e.num(e['cv'])} rate {e2e.num(e['rate'])}: "
+                      f"TTFT attainment {t['mean']:.1f}% mean over {len(e['seeds'])} seeds "
+                      f"(min {t['min']:.1f}, max {t['max']:.1f}, std {t['std']:.1f})")
 
 
 def draw(results: Path) -> None:

@@ -217,3 +217,77 @@ def test_help_explains_the_options(script: str) -> None:
     assert p.returncode == 0
     for option in ("--results", "--paper", "--out", "--json"):
         assert option in p.stdout
+
+
+@pytest.mark.slow
+def test_several_seeds_aggregate_and_error_bars(tmp_path: Path) -> None:
+    """run_end2end_expr.py --sim --seeds 2 on tiny traces: seed 0 keeps the setting's folder,
+    every seed a short summary, sim-aggregate.json the mean and spread; the figures draw the
+    mean with min-max bars, and ignore the aggregate once it disagrees with the summary."""
+    results, out = tmp_path / "results", tmp_path / "figs"
+    p = subprocess.run([sys.executable, str(SCRIPTS / "run_end2end_expr.py"), "--sim",
+                        "--seeds", "2", "--per-app", "1", "--duration", "200", "--rate", "0.1",
+                        "--exec-types", "serverless_vllm,hydraserve", "--out", str(results),
+                        "--no-figure"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    mod = _module()
+    for et in ("serverless_vllm", "hydraserve"):
+        folder = results / f"{et}-cv8-rate0.1-sim"
+        assert json.loads((folder / "summary.json").read_text())["setting"]["trace"]["seed"] == 0
+        assert sorted(f.name for f in (folder / "seeds").iterdir()) == ["seed0.json",
+                                                                         "seed1.json"]
+    agg = json.loads((results / "sim-aggregate.json").read_text())
+    entries = {e["exec_type"]: e for e in agg["entries"]}
+    assert set(entries) == {"serverless_vllm", "hydraserve"} and "min and max" in agg["what"]
+    hs = entries["hydraserve"]
+    assert hs["seeds"] == [0, 1] and (hs["cv"], hs["rate"]) == (8.0, 0.1)
+    assert set(hs["ttft_attainment"]) == {"total", "chatbot", "code", "summarization"}
+    for part in hs["ttft_attainment"].values():
+        assert set(part) == {"mean", "min", "max", "std", "values"} and len(part["values"]) == 2
+        assert part["min"] <= part["mean"] <= part["max"]
+        assert part["mean"] == pytest.approx(sum(part["values"]) / 2)
+    seed0 = json.loads((results / "hydraserve-cv8-rate0.1-sim" / "summary.json").read_text())
+    assert hs["ttft_attainment"]["total"]["values"][0] == seed0["ttft_attainment"]["total"]
+    assert set(hs["figure13"]) == {"tpot_ratio", "cost_ratio"}
+    assert "figure13" not in entries["serverless_vllm"]
+    assert mod.build_aggregate(results) == agg  # the file is the aggregate of the seed files
+
+    data, stdout = _run("figure9.py", results, out)
+    row = _row9(data["rows"], "hydraserve", 8, 0.1)
+    t = hs["ttft_attainment"]["total"]
+    assert (row["seeds"], row["ttft_attainment"], row["ttft_min"], row["ttft_max"]) == \
+        (2, t["mean"], t["min"], t["max"])
+    assert "2 seeds" in stdout
+    data, _ = _run("figure11.py", results, out, "--cv", "8", "--rate", "0.1")
+    code = {(r["exec_type"], r["application"]): r for r in data["rows"]}[("hydraserve", "code")]
+    assert code["seeds"] == 2 and code["ttft_attainment"] == hs["ttft_attainment"]["code"]["mean"]
+    data, _ = _run("figure13.py", results, out, "--cv", "8", "--rate", "0.1")
+    for name, metric in (("a", "tpot_ratio"), ("b", "cost_ratio")):
+        if data[name]["source"] == "sim":
+            assert data[name]["seeds"]["n"] == 2
+            assert data[name]["seeds"]["mean"]["values"][0] == pytest.approx(data[name]["mean"])
+            assert data[name]["seeds"]["mean"] == hs["figure13"][metric]["mean"]
+    _assert_written(out, "figure9", "figure11", "figure13-a", "figure13-b")
+
+    # a summary rewritten without the seed files (a stale aggregate): the summary alone
+    path = results / "hydraserve-cv8-rate0.1-sim" / "summary.json"
+    seed0["ttft_attainment"]["total"] = -1.0 if t["values"][0] != -1.0 else -2.0
+    path.write_text(json.dumps(seed0))
+    data, _ = _run("figure9.py", results, out)
+    row = _row9(data["rows"], "hydraserve", 8, 0.1)
+    assert row["seeds"] == 1 and row["ttft_min"] is None
+    assert row["ttft_attainment"] == seed0["ttft_attainment"]["total"]
+
+
+def test_real_runs_are_labelled_with_size_and_scale(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "figs"
+    path = _summary(results, "hydraserve", 8, 0.05, "real", 90.0)
+    s = json.loads(path.read_text())
+    s["setting"] = {"testbed": "hybrid (1/100 scale, local cluster)", "endpoints": 24,
+                    "duration_s": 600.0}
+    path.write_text(json.dumps(s))
+    data, stdout = _run("figure9.py", results, out)
+    row = _row9(data["rows"], "hydraserve", 8, 0.05)
+    assert row["scale"] == "CPU run: 24 endpoints, 1/100 scale, 600 s"
+    assert "24 endpoints, 1/100 scale" in stdout
+    assert _module().DEFAULT_RESULTS.name == "end2end"
