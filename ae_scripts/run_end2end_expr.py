@@ -24,8 +24,11 @@ without --seeds); every seed's short summary goes to `<folder>/seeds/seed<K>.jso
 with Figure 13's ratio statistics against Serverless vLLM on the same trace, when both run in
 the same invocation), and `<out>/sim-aggregate.json` gets, per setting, the mean and the spread
 (min, max, sample standard deviation) over the seeds; the figures draw the mean with min-max
-error bars. Each simulated run takes ~10-20 s of CPU at the paper's scale (the trace ~15 s
-more per seed and setting): the whole sweep with 5 seeds is 36 x 5 runs, about an hour.
+error bars. Running a setting again (with or without --seeds) first removes its earlier
+per-seed summaries and rewrites the aggregate, so it never mixes runs of two code versions.
+Cost: one setting (CV, rate) with one seed, all four types, is ~90-120 s of CPU at the paper's
+scale (the trace ~8 s, then 20-45 s per execution type, ServerlessLLM the slowest): the sweep
+with 5 seeds is 45 of them, about 75 min of CPU.
 
 Client mode (what ae_scripts/end2end.sh runs): `--url URL` replays against a server started by
 `ae_scripts/start_server.sh 1 ...` (whose lifecycle log is in the same run folder).
@@ -227,10 +230,15 @@ def simulate(out: Path, settings: list[tuple[float, float]], exec_types: list[st
     sys.path.insert(0, str(ROOT / "ae_scripts"))
     import end2end_results as e2e
 
+    import shutil
+
     first = args.seed
     seeds = range(first, first + (args.seeds or 1))
     for cv, rate in settings:
         args.cv, args.rate = cv, rate
+        for et in exec_types:  # earlier seeds' summaries of a setting run again are stale
+            shutil.rmtree(run_dir(out, et, cv, rate, sim=True) / e2e.SEEDS_DIR,
+                          ignore_errors=True)
         for seed in seeds:
             args.seed = seed
             summaries: dict[str, dict] = {}
@@ -253,6 +261,8 @@ def simulate(out: Path, settings: list[tuple[float, float]], exec_types: list[st
                 short.write_text(json.dumps(e2e.seed_summary(summary, seed, base), indent=1)
                                  + "\n")
     args.seed = first
+    if args.seeds is None and (out / e2e.AGGREGATE).exists():
+        e2e.write_aggregate(out)  # without the settings just run (their seed files are gone)
     if args.seeds is not None:
         path = e2e.write_aggregate(out)
         print(f"wrote {path}")

@@ -17,6 +17,12 @@ Three parts, each timed (the times are printed and stored in the expectation fil
      too, so results from an older code cannot stay committed beside a fresh expectation);
   3. the figures: ae_scripts/figure9.py, figure11.py, figure13.py into figs/.
 
+Cost, measured on a 2-core machine shared with other work: part 1 is ~90-120 s of CPU per
+setting and seed (the trace ~8 s, each execution type 20-45 s, ServerlessLLM the slowest), so
+~75 min of CPU for 5 seeds (45 setting-seeds) and ~15 min for `--seeds 1` (the wall time grows
+with the machine's load: one setting took 200 s of wall for 120 s of CPU at a load of 5);
+part 2 ~20 s of CPU (~30 s of wall); part 3 ~15 s.
+
 `--expectation-only` runs part 2 alone, for when the sweep cannot be run now: the fingerprints
 are then left out, and the test of the committed results skips (saying so) until the next full
 run. The simulator is deterministic: a rerun on the same code gives the same numbers (only the
