@@ -103,8 +103,8 @@ def plot(rows: Sequence[Row]) -> Figure:
         for rt in rates:
             scales = sorted({r["scale"] for r in rows
                              if r["cv"] == cv and r["rate"] == rt and r.get("scale")})
-            ticks.append("\n".join([f"{e2e.num(rt)} req/s", *(s.replace(": ", ":\n", 1).replace(", ", ",\n", 1)
-                                                             for s in scales)]))
+            wrapped = [s.replace(": ", ":\n", 1).replace(", ", ",\n", 1) for s in scales]
+            ticks.append("\n".join([f"{e2e.num(rt)} req/s", *wrapped]))
         ax.set_xticks(range(len(rates)), ticks, fontsize=8)
         ax.set_xlim(-0.5, max(len(rates), 1) - 0.5)
         ax.set_ylim(0, 105)

@@ -23,6 +23,9 @@ setting and seed (the trace ~8 s, each execution type 20-45 s, ServerlessLLM the
 with the machine's load: one setting took 200 s of wall for 120 s of CPU at a load of 5);
 part 2 ~20 s of CPU (~30 s of wall); part 3 ~15 s.
 
+`--no-sweep` skips part 1 and fingerprints the results as they are: for a sweep run in pieces
+on this same code (e.g. one command per CV, `ae_scripts/run_end2end_expr.py --sim --cv 2
+--rate 0.6 --seeds 5`, ..., each well under the sweep's time), then this script to seal them.
 `--expectation-only` runs part 2 alone, for when the sweep cannot be run now: the fingerprints
 are then left out, and the test of the committed results skips (saying so) until the next full
 run. The simulator is deterministic: a rerun on the same code gives the same numbers (only the
@@ -112,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--expectation-only", action="store_true",
                     help="only the expectation file, without fingerprints (see above)")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip part 1: fingerprint the results already there (see above)")
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
     took: dict[str, float] = {}
     results = args.results
-    if not args.expectation_only:
+    if not args.expectation_only and not args.no_sweep:
         t = time.monotonic()
         subprocess.run([sys.executable, str(ROOT / "ae_scripts" / "run_end2end_expr.py"),
                         "--sim", "--sweep", "--seeds", str(args.seeds), "--out", str(results),
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "regenerate": "python scripts/regenerate_sim_results.py",
         "generated_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "full_regeneration": not args.expectation_only,
-        "seeds": None if args.expectation_only else args.seeds,
+        "sweep": ("none" if args.expectation_only else "run separately (--no-sweep)"
+                  if args.no_sweep else f"run here, {args.seeds} seeds"),
         "took_s": took,
         "setting": CHECK,
         "summaries": summaries,
