@@ -18,6 +18,9 @@ token, so they add up to that request's TTFT. The steps, in the order a cold sta
   engine       the engine starts (its KV cache, the scheduler)
   first_token  the prefill and the first token
 
+(A start path whose workers start only once the whole checkpoint is in host memory, as
+ServerlessLLM's, has its fetch right after the placement.)
+
 Times are on the control plane's clock; a worker's own timeline is read relative to its
 "spawned" stamp and placed at the moment the control plane ordered that worker.
 """
@@ -101,16 +104,20 @@ class ColdStart:
         fetched = None
         if pre is not None and not self.from_cache:
             fetched = _latest(pre + s.fetch_s if s.fetch_s is not None else None for s in st)
-        return [("queue", self.created),
-                ("placement", pre if pre is not None else m.get("workers_spawned")),
-                ("spawn", m.get("workers_spawned")),
-                ("imports", _latest(s.at("imports_done") for s in st)),
-                ("server", _latest(s.serving for s in st)),
-                ("ring", m.get("ready")),
-                ("fetch", fetched),
-                ("load", _latest(s.at("weights_ready") for s in st)),
-                ("engine", st[0].at("engine_ready") if st else None),
-                ("first_token", m.get("first_token"))]
+        steps = [("queue", self.created),
+                 ("placement", pre if pre is not None else m.get("workers_spawned")),
+                 ("spawn", m.get("workers_spawned")),
+                 ("imports", _latest(s.at("imports_done") for s in st)),
+                 ("server", _latest(s.serving for s in st)),
+                 ("ring", m.get("ready")),
+                 ("fetch", fetched),
+                 ("load", _latest(s.at("weights_ready") for s in st)),
+                 ("engine", st[0].at("engine_ready") if st else None),
+                 ("first_token", m.get("first_token"))]
+        if "fetched" in m:  # a start path that waits for the whole fetch before its workers
+            steps.remove(("fetch", fetched))
+            steps.insert(2, ("fetch", m["fetched"]))
+        return steps
 
     def phases(self) -> dict[str, float] | None:
         """Seconds each phase added to the TTFT (they sum to `ttft`); None before the first
@@ -124,7 +131,7 @@ class ColdStart:
             out[name] = round(done - t, 6)
             t = done
         out["first_token"] = round(out["first_token"] + end - t, 6)
-        return out
+        return {k: out[k] for k in PHASES}
 
     @property
     def ttft(self) -> float | None:

@@ -80,6 +80,7 @@ class Fleet:
                 if st.preset.start_after_fetch:  # ServerlessLLM: checkpoint first, then runtime
                     await asyncio.gather(*(self._fetched(ep.name, kind, p, s)
                                            for s in inst.stages))
+                    inst.mark("fetched")  # its cold start's fetch phase comes before spawn
             for s in inst.stages:
                 if rec is not None:
                     rec.stage(s.rank).ordered = st.clock()
