@@ -4,7 +4,10 @@ testbed, HydraServe execution type. Seeded; one warm-up run, then the median of 
 
     python benchmarks/sim.py [--repeats 3] [--json]
 
-The last line with --json: {"requests", "endpoints", "wall_s", "requests_per_wall_s"}.
+The last line with --json: {"requests", "endpoints", "wall_s", "requests_per_wall_s", "cpu_s",
+"events", "events_per_cpu_s"}: cpu_s is the process's own CPU seconds per run (median), which
+carries across machines and loads better than wall time; events are the lifecycle log's lines of
+one run (instances created, ready, consolidated, deleted, requests ended, cold starts, fetches).
 """
 from __future__ import annotations
 
@@ -36,22 +39,26 @@ def main() -> None:
     meta, records = make_trace(cv_factor=8, rate=0.6, duration_s=3600, per_app=64, seed=0)
     setting = SimSetting(args.exec_type, with_host_caches(testbed("hybrid")),
                          CostModel.gpu_default())
-    walls = []
+    walls, cpus, events = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats + 1):  # the first run warms up (imports, caches)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             simulate(records, setting, Path(tmp) / str(i))
             if i:
                 walls.append(time.perf_counter() - t0)
-    wall = statistics.median(walls)
+                cpus.append(time.process_time() - c0)
+                events = sum(1 for _ in open(Path(tmp) / str(i) / "lifecycle.jsonl"))
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}")
     print(f"{len(records)} requests, {meta['endpoints']} endpoints, {args.exec_type}: "
           f"median {wall:.2f} s of wall time over {args.repeats} runs "
-          f"({', '.join(f'{w:.2f}' for w in walls)})")
+          f"({', '.join(f'{w:.2f}' for w in walls)}); {cpu:.2f} s of CPU; {events} events")
     if args.json:
         print(json.dumps({"requests": len(records), "endpoints": meta["endpoints"],
                           "wall_s": round(wall, 3),
-                          "requests_per_wall_s": round(len(records) / wall, 1)}))
+                          "requests_per_wall_s": round(len(records) / wall, 1),
+                          "cpu_s": round(cpu, 3), "events": events,
+                          "events_per_cpu_s": round(events / cpu, 1)}))
 
 
 if __name__ == "__main__":
