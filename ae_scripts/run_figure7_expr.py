@@ -207,11 +207,21 @@ def simulate_rows(backend: str, exec_type: str, models: list[str],
     of our own workers on a 2-core machine). Deterministic: one trial is every trial."""
     import logging
 
+    quiet = logging.getLogger("hydraserve")  # one start per model: its log lines are noise
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _simulate_rows(backend, exec_type, models, local_cpu)
+    finally:
+        quiet.setLevel(level)  # a caller in this process (a test run) keeps its logging
+
+
+def _simulate_rows(backend: str, exec_type: str, models: list[str],
+                   local_cpu: bool) -> list[dict]:
     from hydraserve.sim.costmodel import CostModel
     from hydraserve.sim.run import SimSetting, simulate
     from hydraserve.workload.make import TraceRecord
 
-    logging.getLogger("hydraserve").setLevel(logging.ERROR)
     cfg = with_host_caches(testbed(backend, share=SHARE.get(exec_type, True)))
     rows = []
     for model in models:

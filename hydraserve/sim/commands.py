@@ -40,6 +40,18 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
+    control = logging.getLogger("hydraserve.control")
+    level = control.level
+    if logging.getLogger().getEffectiveLevel() >= logging.INFO:
+        # a simulated hour starts ~1,500 instances: their one-line stories are noise here
+        control.setLevel(logging.WARNING)
+    try:
+        return _simulate(args)
+    finally:
+        control.setLevel(level)  # a caller in this process (cli.main in a test) keeps its own
+
+
+def _simulate(args: argparse.Namespace) -> int:
     from hydraserve.control.lifecycle import read_lifecycle
     from hydraserve.sim.costmodel import CostModel
     from hydraserve.sim.run import SimSetting, simulate
@@ -48,9 +60,6 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from hydraserve.workload.commands import format_summary
     from hydraserve.workload.make import read_trace
 
-    if logging.getLogger().getEffectiveLevel() >= logging.INFO:
-        # a simulated hour starts ~1,500 instances: their one-line stories are noise here
-        logging.getLogger("hydraserve.control").setLevel(logging.WARNING)
     meta, records = read_trace(args.trace)
     cost = CostModel.gpu_default() if args.cost == "gpu" else CostModel.local_cpu()
     setting = SimSetting(args.exec_type, with_host_caches(testbed(args.testbed)), cost,
