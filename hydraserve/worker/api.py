@@ -30,7 +30,7 @@ from hydraserve.engine.sequence import SamplingParams
 from hydraserve.protocol import HANDOVER, ErrorEvent, GenerateRequest, Peer, ProtocolError
 from hydraserve.store.server import json_error
 from hydraserve.worker.core import Worker
-from hydraserve.worker.routes import add_control_routes, wait_query
+from hydraserve.worker.routes import add_control_routes, health_route
 
 log = logging.getLogger("hydraserve.worker")
 
@@ -66,13 +66,6 @@ def sampling_params(params: dict) -> SamplingParams:
 
 def make_app(worker: Worker) -> web.Application:
     app = web.Application()
-
-    async def health(request: web.Request) -> web.Response:
-        event, timeout = wait_query(request)
-        if event:
-            await worker.timeline.wait(event, timeout,
-                                       lambda: worker.state.final or worker.error is not None)
-        return web.json_response(worker.health().to_json())
 
     async def init(request: web.Request) -> web.Response:
         try:
@@ -144,6 +137,6 @@ def make_app(worker: Worker) -> web.Application:
 
     app.on_shutdown.append(hand_over)
 
-    add_control_routes(app, health=health, init=init, generate=generate,
+    add_control_routes(app, health=health_route(worker), init=init, generate=generate,
                        consolidate=consolidate, stop=stop)
     return app

@@ -17,6 +17,20 @@ def add_control_routes(app: web.Application, *, health, init, generate, consolid
     app.router.add_post("/stop", stop)
 
 
+def health_route(worker):
+    """GET /health of ``worker`` (ours or the vLLM one: each has ``timeline``, ``state``,
+    ``error`` and ``health()``): answer now, or with ?wait=EVENT once EVENT is on its timeline,
+    it failed or stopped, or the timeout passed."""
+    async def health(request: web.Request) -> web.Response:
+        event, timeout = wait_query(request)
+        if event:
+            await worker.timeline.wait(event, timeout,
+                                       lambda: worker.state.final or worker.error is not None)
+        return web.json_response(worker.health().to_json())
+
+    return health
+
+
 def wait_query(request: web.Request) -> tuple[str | None, float]:
     """The event a /health long-poll waits for (None: answer now) and for how long at most."""
     try:

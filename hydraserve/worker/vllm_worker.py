@@ -332,7 +332,7 @@ def make_app(worker: VLLMWorker):
     from aiohttp import web
 
     from hydraserve.store.server import json_error
-    from hydraserve.worker.routes import add_control_routes, wait_query
+    from hydraserve.worker.routes import add_control_routes, health_route
 
     app = web.Application()
 
@@ -344,13 +344,6 @@ def make_app(worker: VLLMWorker):
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-
-    async def health(request: web.Request) -> web.Response:
-        event, timeout = wait_query(request)
-        if event:
-            await worker.timeline.wait(event, timeout,
-                                       lambda: worker.state.final or worker.error is not None)
-        return web.json_response(worker.health().to_json())
 
     async def init(_: web.Request) -> web.Response:
         return web.json_response(worker.health().to_json())  # p = 1: no ring to join
@@ -405,7 +398,7 @@ def make_app(worker: VLLMWorker):
         await asyncio.get_running_loop().run_in_executor(None, worker.stop)
         return web.json_response({"stopped": worker.wid})
 
-    add_control_routes(app, health=health, init=init, generate=generate,
+    add_control_routes(app, health=health_route(worker), init=init, generate=generate,
                        consolidate=consolidate, stop=stop)
     return app
 
