@@ -8,6 +8,7 @@ import torch
 
 from hydraserve.engine.batch import StepBatch, attention_metadata
 from hydraserve.engine.config import EngineConfig, ModelConfig, ModelLoadError
+from hydraserve.engine.h2d import CudaBackend, device_copies
 from hydraserve.engine.kv_cache import KVCache
 from hydraserve.engine.models.registry import STAGE_CLASSES
 from hydraserve.engine.sampler import StepLogits, step_logits
@@ -49,8 +50,10 @@ def iter_checkpoint(model_dir: str | Path, names: Iterable[str],
 
 class StageRunner:
     def __init__(self, model_cfg: ModelConfig, spec: StageSpec, cfg: EngineConfig,
-                 num_blocks: int, max_model_len: int):
+                 num_blocks: int, max_model_len: int, h2d: CudaBackend | None = None):
+        """``h2d``: the CUDA calls of loads (default: the real ones on CUDA; see `h2d`)."""
         self.model_cfg, self.cfg = model_cfg, cfg
+        self.h2d = h2d
         self.dtype, self.device = torch_dtype(cfg.dtype), torch_device(cfg.device)
         self.model = STAGE_CLASSES[model_cfg.arch](model_cfg, spec, self.dtype, self.device,
                                                    max_model_len)
@@ -80,15 +83,21 @@ class StageRunner:
             raise ValueError(f"cannot activate {spec}: this stage holds {self.spec}")
         self.active = spec
 
-    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load tensors and check the stage is complete; returns the tensor names loaded."""
-        loaded = self.model.load_weights(weights)
-        self.loaded |= loaded
-        missing = self.model.expected_tensors() - self.loaded
-        if missing:
-            raise ModelLoadError(f"stage {self.spec.rank}/{self.spec.p} is missing tensors: "
-                                 f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}")
-        self.model.pack_weights()
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]],
+             host: memoryview | None = None) -> set[str]:
+        """Load tensors and check the stage is complete; returns the tensor names loaded.
+        ``host``: the buffer the tensors view (a progressive region's bytes); on CUDA it is
+        pinned for the load, and the copies overlap the arrival of later bytes. When this
+        returns, every copy has landed: the buffer may be closed."""
+        with device_copies(self.device, host, self.h2d) as copy:
+            loaded = self.model.load_weights(weights, copy)
+            self.loaded |= loaded
+            missing = self.model.expected_tensors() - self.loaded
+            if missing:
+                raise ModelLoadError(
+                    f"stage {self.spec.rank}/{self.spec.p} is missing tensors: "
+                    f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}")
+            self.model.pack_weights()  # on the copies' stream, after them
         return loaded
 
     @torch.inference_mode()

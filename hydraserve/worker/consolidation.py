@@ -114,7 +114,7 @@ class Consolidation:
                 raise RuntimeError(self.error or "the stage did not load")
             whole = StageSpec(0, 1, 0, self.runner.model_cfg.num_layers)
             self.runner.extend(whole)
-            self.runner.load(iter_region(region))
+            self.runner.load(iter_region(region), region.data)  # pinned while it loads, on CUDA
             self.timeline.mark("rest_loaded")
         except Exception as e:  # noqa: BLE001
             if self.stopping.is_set():

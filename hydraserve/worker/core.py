@@ -24,6 +24,7 @@ import torch
 
 from hydraserve.engine.batch import StepBatch
 from hydraserve.engine.config import EngineConfig
+from hydraserve.engine.h2d import CudaBackend
 from hydraserve.engine.runner import StageRunner
 from hydraserve.engine.sampler import pick
 from hydraserve.engine.scheduler import Scheduler
@@ -58,10 +59,14 @@ class WorkerConfig:
 
 
 class Worker(Consolidation):
-    def __init__(self, cfg: WorkerConfig, region: ProgressiveRegion, timeline: Timeline):
+    def __init__(self, cfg: WorkerConfig, region: ProgressiveRegion, timeline: Timeline,
+                 h2d: CudaBackend | None = None):
+        """``h2d``: the CUDA calls of the loads (default: the real ones on CUDA; tests record
+        them with a fake)."""
         if cfg.engine.num_kv_blocks is None:
             raise ValueError("a worker needs num_kv_blocks: every stage must have the same count")
         self.cfg, self.region, self.timeline = cfg, region, timeline
+        self.h2d = h2d
         self.spec = StageSpec(cfg.rank, cfg.p, *cfg.layers)
         self.state = Phase.LOADING
         self.error: str | None = None
@@ -108,10 +113,11 @@ class Worker(Consolidation):
             model_cfg = region_model_config(self.region)
             max_len = min(self.cfg.engine.max_model_len, model_cfg.max_position)
             blocks = self.cfg.engine.num_kv_blocks
-            runner = StageRunner(model_cfg, self.spec, self.cfg.engine, blocks, max_len)
+            runner = StageRunner(model_cfg, self.spec, self.cfg.engine, blocks, max_len, self.h2d)
             if not self.cfg.streaming_load:
                 self.region.wait_for(self.region.length)
-            runner.load(iter_region(self.region))
+            # on CUDA the region is pinned for the load, which returns once every copy landed
+            runner.load(iter_region(self.region), self.region.data)
             self.timeline.mark("weights_ready")
             if self.is_head or self.standalone:
                 self.scheduler = Scheduler(self.cfg.engine, blocks, max_len, model_cfg.eos_token_ids)

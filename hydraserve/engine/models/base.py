@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hydraserve.engine.config import ModelConfig, ModelLoadError
+from hydraserve.engine.h2d import Copy, plain_copy
 from hydraserve.engine.layers import AttentionMetadata, Linear
 from hydraserve.store.layout import StageSpec
 
@@ -107,9 +108,11 @@ class StageModel(nn.Module):
                     return [(cand, shard)]
         return []
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     copy: Copy = plain_copy) -> set[str]:
         """Copy checkpoint tensors into this stage's parameters; return the names used
-        (canonical: with the ``optional_prefix`` some files omit).
+        (canonical: with the ``optional_prefix`` some files omit). ``copy(dst, src)``: how a
+        tensor reaches its parameter (on CUDA, `hydraserve.engine.h2d` gives an asynchronous one).
 
         Tensors this stage does not hold are skipped (not returned). Raises if a tensor's shape
         does not fit its parameter."""
@@ -131,7 +134,7 @@ class StageModel(nn.Module):
                 if dst.shape != tensor.shape:
                     raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, "
                                          f"parameter {pname} expects {tuple(dst.shape)}")
-                dst.copy_(tensor)
+                copy(dst, tensor)
                 mod = self.get_submodule(pname.rsplit(".", 1)[0])
                 if isinstance(mod, Linear) and pname.endswith(".weight"):
                     # pack as soon as the whole weight is in, while later tensors still arrive
