@@ -28,8 +28,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${1:-results/gpu_check.json}"
-shift || true
+OUT=results/gpu_check.json
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+    OUT="$1"
+    shift
+fi
 WHEELS="${GPU_CHECK_WHEELS:-.cache/wheels}"
 PY="${PYTHON:-python3}"
 
