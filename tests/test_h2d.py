@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -176,7 +177,11 @@ def test_region_pinned_once_async_copies_one_sync_then_unpinned_before_close(
         llama_dir, agent, expected, monkeypatch):
     fake = RecordingBackend()
     region = ProgressiveRegion.attach(agent, ImageSpec("tiny", ImageKind.FULL))
-    start = _address(region.shm.buf) + region.offset + COUNTER  # the image's first byte
+    first = _address(region.shm.buf) + region.offset + COUNTER  # the image's first byte
+    # the whole pages around the image: its mapping starts on a page, the image 8 bytes in
+    start = first - first % mmap.PAGESIZE
+    assert start == _address(region.shm.buf)
+    size = -(-(first + region.length - start) // mmap.PAGESIZE) * mmap.PAGESIZE
     close = region.close
     monkeypatch.setattr(region, "close", lambda *a, **k: (fake.log.append(("close",)),
                                                           close(*a, **k))[1])
@@ -187,7 +192,7 @@ def test_region_pinned_once_async_copies_one_sync_then_unpinned_before_close(
         assert _generate(worker) == expected
         loaded = len(worker.runner.loaded)
     kinds = fake.kinds()
-    assert kinds.count("register") == 1 and fake.log[0] == ("register", start, region.length)
+    assert kinds.count("register") == 1 and fake.log[0] == ("register", start, size)
     assert fake.log[1] == ("wait", "side1", "main")  # before any copy
     copies = [e for e in fake.log if e[0] == "copy"]
     assert len(copies) >= loaded > 0
@@ -257,7 +262,8 @@ def test_consolidation_pins_the_rest_region_too(llama_dir, agent, expected):
     log = fakes[0].log
     regs = [e for e in log if e[0] == "register"]
     # the stage region, then the rest region (it may be mapped where the first one was)
-    assert len(regs) == 2 and regs[0][2] != regs[1][2]
+    assert len(regs) == 2 and all(ptr % mmap.PAGESIZE == 0 and size % mmap.PAGESIZE == 0
+                                  for _, ptr, size in regs)  # whole pages
     assert [e for e in log if e[0] in ("register", "sync", "unregister")] == [
         regs[0], ("sync", "side1"), ("unregister", regs[0][1]),
         regs[1], ("sync", "side2"), ("unregister", regs[1][1])]

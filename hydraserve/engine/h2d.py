@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import threading
 from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator
@@ -29,6 +30,7 @@ import torch
 log = logging.getLogger("hydraserve.engine")
 
 Copy = Callable[[torch.Tensor, torch.Tensor], None]  # (destination parameter, source tensor)
+PAGE = mmap.PAGESIZE
 REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
 
 
@@ -97,7 +99,12 @@ class HostRegistration:
     registration failed (logged): copies from it must then block."""
 
     def __init__(self, buf: memoryview, backend: CudaBackend):
-        self.backend, self.ptr, self.size = backend, buffer_address(buf), buf.nbytes
+        # whole pages: a region's image starts 8 bytes into its mapping (after the counter),
+        # and a mapping always spans whole pages, so rounding out stays inside it
+        start = buffer_address(buf)
+        self.ptr = start - start % PAGE
+        self.size = -(-(start + buf.nbytes - self.ptr) // PAGE) * PAGE
+        self.backend = backend
         err = backend.host_register(self.ptr, self.size)
         self.ok = err == 0
         if not self.ok:
