@@ -296,3 +296,98 @@ def test_a_dead_reader_is_released(agent_factory):
         time.sleep(0.1)
     assert not shm_exists(name)
     assert agent_call(agent.url, "GET", "/regions")["regions"] == []
+
+
+def test_a_plain_curl_range_get_reads_the_image(root, store, tmp_path):
+    """The store sends tensor bytes with sendfile; to any HTTP client it is still plain HTTP/1.1
+    with ranges (curl, not our client, reads it here)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    image = b"".join(StageImage.build(root / "big-a", ImageSpec("big-a", ImageKind.FULL)).read())
+    url = f"{store.url}/models/big-a/image?kind=full"
+    for first, last in [(0, 99), (1000, 5 * 2**20 + 7), (len(image) - 10, len(image) - 1)]:
+        out = tmp_path / "part"
+        subprocess.run(["curl", "-sS", "-f", "-r", f"{first}-{last}", "-o", str(out), url],
+                       check=True, timeout=60)
+        assert out.read_bytes() == image[first:last + 1]
+    whole = subprocess.run(["curl", "-sS", "-f", url], check=True, capture_output=True,
+                           timeout=60).stdout
+    assert whole == image
+
+
+def test_the_store_egress_limit_holds_and_is_shared(root, tmp_path):
+    """sendfile moves the bytes, but the store still paces them: one fetch gets the egress
+    limit, two at once get about half each."""
+    gbps = 0.4
+    store = Server(["store", "serve", "--root", str(root), "--egress-gbps", str(gbps)],
+                   tmp_path / "store.log")
+    agents = []
+    try:
+        for i in range(2):
+            agents.append(Server(["store", "agent", "--node", f"e{i}", "--remote", store.url],
+                                 tmp_path / f"agent{i}.log"))
+        alone = agent_call(agents[0].url, "POST", "/prefetch",
+                           ImageSpec("big-a", ImageKind.FULL).to_dict())
+        alone = _wait_ready(agents[0].url, alone["id"])
+        a = agent_call(agents[0].url, "POST", "/prefetch",
+                       ImageSpec("big-b", ImageKind.FULL).to_dict())
+        b = agent_call(agents[1].url, "POST", "/prefetch",
+                       ImageSpec("big-c", ImageKind.FULL).to_dict())
+        a, b = _wait_ready(agents[0].url, a["id"]), _wait_ready(agents[1].url, b["id"])
+    finally:
+        for s in [*agents, store]:
+            s.stop()
+    assert 0.8 * gbps < alone["gbps"] <= 1.05 * gbps, alone
+    for r in (a, b):
+        assert 0.35 * gbps < r["gbps"] < 0.65 * gbps, r
+
+
+def test_range_connection_errors_and_stop(root, store):
+    """The agent's receiving client on its own: exact ranges into a buffer over one kept-alive
+    connection, the store's error message on a 4xx, and a stop from another thread ends a
+    slow receive at once."""
+    import threading
+
+    from hydraserve.store.bandwidth import Link
+    from hydraserve.store.rangeget import HTTPStatusError, RangeConnection
+
+    image = b"".join(StageImage.build(root / "big-a", ImageSpec("big-a", ImageKind.FULL)).read())
+    path = "/models/big-a/image?kind=full&p=1&rank=0"
+    conn = RangeConnection(store.url)
+    reported = []
+    try:
+        for first, n in [(0, 8), (12345, 3 * 2**20), (len(image) - 100, 100)]:
+            buf = bytearray(n)
+            conn.get_into(path, first, memoryview(buf), Link(None), reported.append)
+            assert bytes(buf) == image[first:first + n]
+            sock = conn.sock
+            assert sock is not None  # kept alive for the next range
+        assert sum(reported) == 8 + 3 * 2**20 + 100
+        with pytest.raises(HTTPStatusError, match="unknown model") as e:
+            conn.get_into("/models/nope/image?kind=full", 0, memoryview(bytearray(8)),
+                          Link(None), reported.append)
+        assert e.value.status == 404
+        assert conn.sock is None  # an error never leaves a connection to reuse
+
+        slow, stop, failed = Link(0.02), threading.Event(), []  # 2.5 MB/s: 16 MB take 6 s
+
+        def receive():
+            try:
+                conn.get_into(path, 0, memoryview(bytearray(len(image))), slow,
+                              lambda n: None, stop)
+            except (ConnectionError, OSError) as err:
+                failed.append(err)
+
+        t = threading.Thread(target=receive)
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        stop.set()
+        conn.close()
+        t.join(5)
+        assert not t.is_alive() and failed and time.monotonic() - t0 < 1.0
+    finally:
+        conn.close()

@@ -3,7 +3,8 @@
 One agent runs on every (emulated) GPU server. On a prefetch order it creates a shared-memory
 region ``[counter: u64 LE][image bytes]`` and fills it over ``streams`` parallel HTTP range
 connections, chunk by chunk in order, advancing the counter to the number of *contiguous* image
-bytes received. A worker attaches to the region (even before the fetch ends) and loads each
+bytes received. Bytes are received in threads, ``recv_into`` straight into the region
+(``rangeget``), and paced by large grants of the NIC link. A worker attaches to the region (even before the fetch ends) and loads each
 tensor as soon as the counter passes its end. All fetches of a node share its NIC limit fairly.
 A cut connection resumes from the last byte received. Whole-model (``full``) images may stay
 cached after their readers leave, LRU within the cache budget. HTTP API:
@@ -31,7 +32,9 @@ import logging
 import os
 import secrets
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -42,6 +45,7 @@ from aiohttp import web
 from hydraserve.store.bandwidth import Link
 from hydraserve.store.server import json_error
 from hydraserve.store.image import ImageKind, ImageSpec
+from hydraserve.store.rangeget import HTTPStatusError, RangeConnection
 
 log = logging.getLogger("hydraserve.agent")
 
@@ -79,6 +83,7 @@ class Region:
     last_used: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # tells receiving threads
 
     def set_received(self, n: int) -> None:
         self.received = n
@@ -100,7 +105,7 @@ class AgentConfig:
     nic_gbps: float | None = None  # None: unlimited
     cache_gb: float = 0.0
     streams: int = 2
-    chunk_mb: float = 4.0
+    chunk_mb: float = 16.0
     token: str | None = None  # the cluster token: sent to the store
     retries: int = 5  # a cut connection is retried at least this many times ...
     retry_s: float = 30.0  # ... and for as long as this (a store restarting takes seconds)
@@ -116,6 +121,8 @@ class Agent:
         self.freed: deque[dict] = deque(maxlen=FREED_KEPT)  # describe() of freed regions
         self.by_key: dict[str, Region] = {}
         self.session: aiohttp.ClientSession | None = None
+        # receiving threads: one per stream of every fetch in flight, each blocked in recv_into
+        self.receivers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hs-recv")
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -128,11 +135,15 @@ class Agent:
             self._free(r)
         if self.session:
             await self.session.close()
+        self.receivers.shutdown(wait=False, cancel_futures=True)
 
     # -- regions -----------------------------------------------------------------------------
+    @staticmethod
+    def _path(spec: ImageSpec) -> str:
+        return f"/models/{spec.model}/image?kind={spec.kind.value}&p={spec.p}&rank={spec.rank}"
+
     def _url(self, spec: ImageSpec) -> str:
-        return (f"{self.cfg.remote.rstrip('/')}/models/{spec.model}/image?kind={spec.kind.value}"
-                f"&p={spec.p}&rank={spec.rank}")
+        return self.cfg.remote.rstrip("/") + self._path(spec)
 
     async def _size(self, spec: ImageSpec) -> int:
         async with self.session.head(self._url(spec)) as resp:
@@ -225,6 +236,7 @@ class Agent:
             self.reap()
 
     def _free(self, region: Region) -> None:
+        region.stop.set()
         if region.task and not region.task.done():
             region.task.cancel()
         if self.regions.pop(region.id, None) is not None:
@@ -246,19 +258,28 @@ class Agent:
         got = [0] * len(spans)
         order = iter(range(len(spans)))
         first_open = 0
+        lock = threading.Lock()  # receiving threads report concurrently
 
-        def advance() -> None:
+        def advance(i: int, n: int) -> None:
+            """``n`` more bytes of span i are in: move the counter over what is contiguous."""
             nonlocal first_open
-            while first_open < len(spans) and got[first_open] == spans[first_open][1] - spans[first_open][0]:
-                first_open += 1
-            if first_open == len(spans):
-                region.set_received(region.size)
-            else:
-                region.set_received(spans[first_open][0] + got[first_open])
+            with lock:
+                got[i] += n
+                while first_open < len(spans) and \
+                        got[first_open] == spans[first_open][1] - spans[first_open][0]:
+                    first_open += 1
+                if first_open == len(spans):
+                    region.set_received(region.size)
+                else:
+                    region.set_received(spans[first_open][0] + got[first_open])
 
         async def stream() -> None:
-            for i in order:
-                await self._fetch_span(region, spans[i], i, got, advance)
+            conn = RangeConnection(self.cfg.remote, self.cfg.token)  # kept alive across spans
+            try:
+                for i in order:
+                    await self._fetch_span(region, spans[i], i, got, advance, conn)
+            finally:
+                conn.close()  # also stops a thread still receiving after a cancellation
 
         try:
             await asyncio.gather(*(stream() for _ in range(max(1, self.cfg.streams))))
@@ -267,8 +288,10 @@ class Agent:
             log.info("node %s: %s ready, %.1f MB in %.2f s", self.cfg.node, region.spec.key,
                      region.size / 1e6, region.finished - region.started)
         except asyncio.CancelledError:
+            region.stop.set()
             raise
         except Exception as e:  # noqa: BLE001 - any failure marks the region failed
+            region.stop.set()
             region.state, region.error = RegionState.FAILED, str(e)
             region.finished = time.monotonic()
             log.error("node %s: fetch of %s failed: %s", self.cfg.node, region.spec.key, e)
@@ -276,27 +299,26 @@ class Agent:
             region.done.set()
 
     async def _fetch_span(self, region: Region, span: tuple[int, int], i: int, got: list[int],
-                          advance) -> None:
+                          advance, conn: RangeConnection) -> None:
+        """Receive one span into the region over ``conn`` (in a receiving thread), resuming
+        from the last byte in after a cut."""
         start, end = span
         failures, failing_since, failed_at = 0, 0.0, -1
-        buf = region.shm.buf
+        loop = asyncio.get_running_loop()
+        path = self._path(region.spec)
         while got[i] < end - start:
             pos = start + got[i]
+            view = region.shm.buf[COUNTER + pos:COUNTER + end]
             try:
-                async with self.session.get(self._url(region.spec),
-                                            headers={"Range": f"bytes={pos}-{end - 1}"}) as resp:
-                    if resp.status != 206:
-                        raise FetchError(resp.status, f"remote store answered {resp.status}")
-                    async for data in resp.content.iter_chunked(256 * 1024):
-                        n = min(len(data), end - pos)
-                        await self.nic.acquire(n)
-                        buf[COUNTER + pos:COUNTER + pos + n] = data[:n]
-                        pos += n
-                        got[i] += n
-                        advance()
-                if got[i] < end - start:
-                    raise ConnectionError("the stream ended early")
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+                await loop.run_in_executor(self.receivers, conn.get_into, path, pos, view,
+                                           self.nic, lambda n: advance(i, n), region.stop)
+            except HTTPStatusError as e:
+                raise FetchError(e.status if e.status < 500 else 502,
+                                 f"remote store answered {e.status}: {e}") from None
+            except OSError as e:  # a cut, a reset, a timeout, a refused reconnection
+                if region.stop.is_set():
+                    raise
+                pos = start + got[i]
                 now = time.monotonic()
                 if pos != failed_at:  # bytes came since the last cut: a new run of failures
                     failures, failing_since, failed_at = 0, now, pos
@@ -306,6 +328,8 @@ class Agent:
                 log.warning("node %s: connection for %s cut at byte %d (%s); resuming",
                             self.cfg.node, region.spec.key, pos, e)
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** failures))
+            finally:
+                view.release()
 
 
 

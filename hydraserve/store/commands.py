@@ -55,8 +55,9 @@ def _add_agent(ssub: argparse._SubParsersAction) -> None:
                    help="host memory for whole models kept after use, LRU (default: 0, no cache)")
     a.add_argument("--streams", type=int, default=2,
                    help="parallel range connections per fetch (default: 2)")
-    a.add_argument("--chunk-mb", type=float, default=4.0,
-                   help="fetch chunk size; chunks go to the streams in order (default: 4)")
+    a.add_argument("--chunk-mb", type=float, default=16.0,
+                   help="fetch chunk size: each is one range request, and chunks go to the "
+                        "streams in order; larger chunks cost fewer requests (default: 16)")
     a.set_defaults(func=_cmd_agent)
 
 

@@ -125,33 +125,46 @@ class StageImage:
                    if (Path(model_dir) / f).exists()}
         return cls([layout.tensors[n] for n in sorted(names, key=order.__getitem__)], carried)
 
-    def read(self, start: int = 0, end: int | None = None,
-             chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Yield the image bytes [start, end) in chunks of at most ``chunk`` bytes."""
+    def spans(self, start: int = 0,
+              end: int | None = None) -> Iterator[bytes | tuple[Path, int, int]]:
+        """What makes up the image bytes [start, end), in order: the header's bytes (``bytes``),
+        then ``(file, file_offset, length)`` ranges of the checkpoint files, which a sender can
+        hand to ``sendfile`` as they are."""
         end = self.size if end is None else min(end, self.size)
         pos = start
         if pos < len(self.prefix):
-            piece = self.prefix[pos:min(end, len(self.prefix))]
-            pos += len(piece)
-            if piece:
-                yield piece
+            head = self.prefix[pos:min(end, len(self.prefix))]
+            pos += len(head)
+            if head:
+                yield head
+        for p in self.pieces:
+            if pos >= end:
+                break
+            if p.offset + p.length <= pos:
+                continue
+            n = min(end, p.offset + p.length) - pos
+            yield p.file, p.file_offset + pos - p.offset, n
+            pos += n
+
+    def read(self, start: int = 0, end: int | None = None,
+             chunk: int = 1 << 20) -> Iterator[bytes]:
+        """Yield the image bytes [start, end) in chunks of at most ``chunk`` bytes."""
         fds: dict[Path, int] = {}
         try:
-            for p in self.pieces:
-                if pos >= end:
-                    break
-                if p.offset + p.length <= pos:
+            for part in self.spans(start, end):
+                if isinstance(part, bytes):
+                    yield part
                     continue
-                fd = fds.get(p.file)
+                path, off, length = part
+                fd = fds.get(path)
                 if fd is None:
-                    fd = fds[p.file] = os.open(p.file, os.O_RDONLY)
-                while pos < min(end, p.offset + p.length):
-                    n = min(chunk, end - pos, p.offset + p.length - pos)
-                    data = os.pread(fd, n, p.file_offset + pos - p.offset)
+                    fd = fds[path] = os.open(path, os.O_RDONLY)
+                for at in range(off, off + length, chunk):
+                    n = min(chunk, off + length - at)
+                    data = os.pread(fd, n, at)
                     if len(data) != n:
-                        raise OSError(f"{p.file} is shorter than its header says")
+                        raise OSError(f"{path} is shorter than its header says")
                     yield data
-                    pos += n
         finally:
             for fd in fds.values():
                 os.close(fd)
