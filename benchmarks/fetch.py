@@ -8,17 +8,26 @@ processes on this machine, with a ~200 MB float16 Llama. Measured, medians of --
   - whole model on one node, vs its floor S / B;
   - a p = 4 split fetched on four nodes at once (order to last byte), vs S / (4 B);
   - prefetch order -> every tensor in the engine's parameters (streaming load), vs the fetch alone;
-  - the unthrottled loopback rate (no NIC limit).
+  - the unthrottled loopback rate (no NIC limit): store -> agent, our whole path;
+  - the raw limit of the same machine in the same run: a sender process ``sendfile``s the same
+    checkpoint file to a receiver process that ``recv_into``s a fresh shared-memory segment
+    (1 stream and as many as the agent uses), and both processes' CPU seconds per GB;
+  - the store's and the agent's CPU seconds per GB during the loopback fetches (from their own
+    CPU times), so our path's overhead is a ratio to the raw pair that holds on any machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing import shared_memory
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +38,7 @@ from hydraserve.store.image import ImageKind, ImageSpec  # noqa: E402
 from hydraserve.store.launch import ServerProcess  # noqa: E402
 from hydraserve.store.progressive import ProgressiveRegion, agent_call  # noqa: E402
 
+AGENT_STREAMS = 2  # the storage agent's default number of connections per fetch
 SPEC = ModelSpec(arch="llama", hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048,
                  vocab=16384, dtype="float16", seed=0)
 MODEL = "llama-200m"
@@ -58,6 +68,96 @@ def fetch_parallel(agents: list[str], specs: list[ImageSpec]) -> float:
     for t in threads:
         t.join()
     return time.perf_counter() - t0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the raw limit: sendfile -> recv_into between two processes, nothing else ----------------
+def _raw_sender(path: str, size: int, streams: int, port_out, result) -> None:
+    """Accept ``streams`` connections and sendfile each its share of the file's first ``size``
+    bytes; report this process's CPU seconds for the transfer."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_out.send(srv.getsockname()[1])
+    conns = [srv.accept()[0] for _ in range(streams)]
+    c0 = time.process_time()
+    share = -(-size // streams)
+
+    def send(i: int) -> None:
+        with open(path, "rb") as f:
+            pos, end = i * share, min(size, (i + 1) * share)
+            while pos < end:
+                pos += os.sendfile(conns[i].fileno(), f.fileno(), pos, end - pos)
+        conns[i].close()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.send(time.process_time() - c0)
+    srv.close()
+
+
+def _raw_receiver(port: int, size: int, streams: int, result) -> None:
+    """Connect ``streams`` times and recv_into a fresh shared-memory segment until every byte
+    is in (as the agent does: first touch of fresh pages included); report (seconds, CPU)."""
+    shm = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+        share = -(-size // streams)
+        t0, c0 = time.perf_counter(), time.process_time()
+
+        def recv(i: int) -> None:
+            pos, end = i * share, min(size, (i + 1) * share)
+            view = shm.buf[pos:end]
+            got = 0
+            while got < end - pos:
+                n = socks[i].recv_into(view[got:])
+                if not n:
+                    raise ConnectionError("the sender stopped early")
+                got += n
+            view.release()
+
+        threads = [threading.Thread(target=recv, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result.send((time.perf_counter() - t0, time.process_time() - c0))
+        for s in socks:
+            s.close()
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def raw_limit(path: Path, size: int, streams: int) -> dict:
+    """One raw transfer of ``size`` bytes of ``path``: GB/s and each side's CPU s per GB."""
+    ctx = mp.get_context("spawn")
+    port_rx, port_tx = ctx.Pipe(duplex=False)
+    snd_rx, snd_tx = ctx.Pipe(duplex=False)
+    rcv_rx, rcv_tx = ctx.Pipe(duplex=False)
+    sender = ctx.Process(target=_raw_sender, args=(str(path), size, streams, port_tx, snd_tx))
+    procs = [sender]
+    sender.start()
+    try:
+        port = port_rx.recv()
+        procs.append(ctx.Process(target=_raw_receiver, args=(port, size, streams, rcv_tx)))
+        procs[-1].start()
+        seconds, rx_cpu = rcv_rx.recv()
+        tx_cpu = snd_rx.recv()
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    gb = size / 1e9
+    return {"gbytes_per_s": gb / seconds, "receiver_cpu_s_per_gb": rx_cpu / gb,
+            "sender_cpu_s_per_gb": tx_cpu / gb}
 
 
 def streamed_load(agent: str, model_dir: Path) -> tuple[float, float]:
@@ -117,7 +217,21 @@ def main() -> None:
             runs = [streamed_load(nodes[1], model_dir) for _ in range(args.repeats)]
             t_load = statistics.median(r[0] for r in runs)
             t_fetch_during_load = statistics.median(r[1] for r in runs)
-            loop_s = statistics.median(fetch(fast, full)["seconds"] for _ in range(args.repeats))
+            # our path and the raw limit, interleaved run by run so both see the same machine
+            loop, raw1, rawn = [], [], []
+            store_pid, agent_pid = procs[0].proc.pid, procs[-1].proc.pid
+            cpu_store = cpu_agent = 0.0
+            biggest = max(model_dir.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+            raw_size = biggest.stat().st_size
+            raw_limit(biggest, raw_size, 1)  # warm-up: page cache, process start
+            for _ in range(args.repeats):
+                s0, a0 = cpu_seconds(store_pid), cpu_seconds(agent_pid)
+                loop.append(fetch(fast, full)["seconds"])
+                cpu_store += cpu_seconds(store_pid) - s0
+                cpu_agent += cpu_seconds(agent_pid) - a0
+                raw1.append(raw_limit(biggest, raw_size, 1))
+                rawn.append(raw_limit(biggest, raw_size, AGENT_STREAMS))
+            loop_s = statistics.median(loop)
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -130,7 +244,16 @@ def main() -> None:
         "load_s": t_load, "fetch_alone_s": t_full,
         "overlap_ratio": t_load / t_full,
         "loopback_gbytes_per_s": size / loop_s / 1e9,
+        "raw_limit_gbytes_per_s": statistics.median(r["gbytes_per_s"] for r in rawn),
+        "raw_limit_1_stream_gbytes_per_s": statistics.median(r["gbytes_per_s"] for r in raw1),
+        "raw_receiver_cpu_s_per_gb": statistics.median(r["receiver_cpu_s_per_gb"] for r in rawn),
+        "raw_sender_cpu_s_per_gb": statistics.median(r["sender_cpu_s_per_gb"] for r in rawn),
+        "agent_cpu_s_per_gb": cpu_agent / (args.repeats * size / 1e9),
+        "store_cpu_s_per_gb": cpu_store / (args.repeats * size / 1e9),
+        "agent_streams": AGENT_STREAMS,
     }
+    res["path_vs_raw_limit"] = res["loopback_gbytes_per_s"] / res["raw_limit_gbytes_per_s"]
+    res["agent_cpu_vs_raw_receiver"] = res["agent_cpu_s_per_gb"] / res["raw_receiver_cpu_s_per_gb"]
     print(f"\nmodel: {size / 1e6:.0f} MB (float16 Llama); NIC {args.nic_gbps} Gbps per node; "
           f"medians of {args.repeats}")
     print(f"{'what':<46}{'seconds':>9}{'floor':>9}{'ratio':>8}")
@@ -141,7 +264,15 @@ def main() -> None:
           f"{t_load / t_full:>8.2f}")
     print(f"\nNIC efficiency {res['nic_efficiency']:.1%}; p = 4 speed-up {res['p4_speedup']:.2f}x; "
           f"overlap ratio {res['overlap_ratio']:.3f} (fetch alone inside the load run: "
-          f"{t_fetch_during_load:.2f} s); unthrottled loopback {res['loopback_gbytes_per_s']:.2f} GB/s")
+          f"{t_fetch_during_load:.2f} s)")
+    print(f"\nunthrottled, store -> agent ({AGENT_STREAMS} streams): "
+          f"{res['loopback_gbytes_per_s']:.2f} GB/s; raw limit sendfile -> recv_into "
+          f"{res['raw_limit_gbytes_per_s']:.2f} GB/s ({AGENT_STREAMS} streams), "
+          f"{res['raw_limit_1_stream_gbytes_per_s']:.2f} GB/s (1 stream): "
+          f"{res['path_vs_raw_limit']:.2f}x of the raw limit")
+    print(f"CPU seconds per GB: agent {res['agent_cpu_s_per_gb']:.3f}, raw receiver "
+          f"{res['raw_receiver_cpu_s_per_gb']:.3f} ({res['agent_cpu_vs_raw_receiver']:.2f}x); "
+          f"store {res['store_cpu_s_per_gb']:.3f}, raw sender {res['raw_sender_cpu_s_per_gb']:.3f}")
     if args.json:
         print(json.dumps(res))
 
