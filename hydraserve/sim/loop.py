@@ -39,6 +39,9 @@ class _VirtualSelector(selectors.DefaultSelector):
         super().__init__()
         self._vloop = loop
         self._sealed = False  # after the loop's own wake-up pipe, nothing may register
+        # the wake-up pipe may hold bytes (written to, or not polled yet); signals can write
+        # to it unseen, so with a signal handler it is polled each time
+        self.written = True
 
     def register(self, fileobj, events, data=None):
         if self._sealed:
@@ -47,9 +50,11 @@ class _VirtualSelector(selectors.DefaultSelector):
         return super().register(fileobj, events, data)
 
     def select(self, timeout: float | None = None):
-        ready = super().select(0)
-        if ready:
-            return ready
+        if self.written or getattr(self._vloop, "_signal_handlers", None):
+            self.written = False
+            ready = super().select(0)
+            if ready:
+                return ready
         if timeout is None:
             raise SimulationError("the simulation stalled: nothing is runnable and no timer "
                                   "is pending (a task waits for something that never comes)")
@@ -68,6 +73,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self._now
+
+    def _write_to_self(self) -> None:
+        self._selector.written = True  # poll the pipe at the next select, not each time
+        super()._write_to_self()
 
     def run_in_executor(self, executor, func, *args):
         raise SimulationError(f"a thread in the simulation ({getattr(func, '__name__', func)}): "
