@@ -36,6 +36,8 @@ class GpuLedger:
         self._claims: dict[int, Claim] = {}
         self._ids = itertools.count(1)
         self.share = share
+        # snapshot_gpus per node (and the sharing it was taken under), until a claim or release
+        self._snapshots: dict[str, tuple[bool, tuple[GPU, ...]]] = {}
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -49,10 +51,16 @@ class GpuLedger:
         return self._totals[node][gpu] - self._used[node][gpu]
 
     def snapshot_gpus(self, node: str) -> tuple[GPU, ...]:
-        """The node's GPUs with their current free memory, for a `NodeSnapshot`."""
+        """The node's GPUs with their current free memory, for a `NodeSnapshot` (the same
+        tuple until the node's memory changes)."""
+        taken = self._snapshots.get(node)
+        if taken is not None and taken[0] == self.share:
+            return taken[1]
         totals = self._totals[self._node(node)]
-        return tuple(GPU(index=i, total_gb=total, free_gb=self.free_gb(node, i))
+        gpus = tuple(GPU(index=i, total_gb=total, free_gb=self.free_gb(node, i))
                      for i, total in enumerate(totals))
+        self._snapshots[node] = (self.share, gpus)
+        return gpus
 
     def claim(self, node: str, gpu: int | None, gb: float) -> Claim:
         """Reserve ``gb`` on a GPU of ``node`` (``gpu=None``: best fit, the GPU with the
@@ -79,6 +87,7 @@ class GpuLedger:
         if free - gb <= ABSORB_LEFTOVER_GB:
             gb = free
         claim = Claim(id=next(self._ids), node=node, gpu=gpu, gb=gb)
+        self._snapshots.pop(node, None)
         self._used[node][gpu] += gb
         self._holders[node][gpu] += 1
         self._claims[claim.id] = claim
@@ -88,6 +97,7 @@ class GpuLedger:
         """Give a claim's memory back; ValueError for an unknown or already released claim."""
         if self._claims.pop(claim.id, None) is None:
             raise ValueError(f"claim {claim.id} is unknown or already released")
+        self._snapshots.pop(claim.node, None)
         self._used[claim.node][claim.gpu] -= claim.gb
         self._holders[claim.node][claim.gpu] -= 1
 

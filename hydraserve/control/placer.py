@@ -8,7 +8,8 @@ import logging
 from hydraserve.control.instance import Instance, Stage
 from hydraserve.control.network import claim_gbits, fetch_deadline
 from hydraserve.control.placement import POLICIES, PolicyName, place_cached, place_static
-from hydraserve.control.snapshot import ModelInfo, NodeSnapshot, Placement, PlacementRequest
+from hydraserve.control.snapshot import (ModelInfo, NodeSnapshot, Placement, PlacementRequest,
+                                         stage_size_gb)
 from hydraserve.control.state import ControlState, Endpoint
 
 log = logging.getLogger("hydraserve.control")
@@ -18,6 +19,10 @@ class Placer:
     def __init__(self, state: ControlState):
         self.s = state
         self._snap: tuple[float, tuple[NodeSnapshot, ...]] | None = None
+        self._nodes: dict[str, NodeSnapshot] = {}  # each node's last snapshot, reused if equal
+        # a snapshot, with the most free memory of a GPU on any of its nodes and on those that
+        # offer bandwidth
+        self._room: tuple[tuple[NodeSnapshot, ...], float, float] = ((), 0.0, 0.0)
 
     def forget(self) -> None:
         """The ledgers may have changed: the next snapshot is taken anew."""
@@ -30,12 +35,39 @@ class Placer:
         if self._snap is not None and self._snap[0] == now:
             return self._snap[1]
         s = self.s
-        snap = tuple(NodeSnapshot(name=n.name, gpus=s.gpus.snapshot_gpus(n.name),
-                                  nic_gbps=n.nic_gbps, offered_gbps=s.nics.offered(n.name, now),
-                                  cached_models=frozenset(s.cached.get(n.name, ())))
-                     for n in s.cluster_cfg.servers)
+        nodes = []
+        for n in s.cluster_cfg.servers:
+            gpus = s.gpus.snapshot_gpus(n.name)
+            offered = s.nics.offered(n.name, now)
+            cached = s.cached.get(n.name, frozenset())
+            last = self._nodes.get(n.name)
+            if last is None or last.gpus is not gpus or last.offered_gbps != offered or \
+                    last.nic_gbps != n.nic_gbps or last.cached_models != cached:
+                last = self._nodes[n.name] = NodeSnapshot(
+                    name=n.name, gpus=gpus, nic_gbps=n.nic_gbps, offered_gbps=offered,
+                    cached_models=frozenset(cached))
+            nodes.append(last)
+        snap = tuple(nodes)
+        if snap != self._room[0]:
+            self._room = (snap, max((n.rgpu for n in snap), default=0.0),
+                          max((n.rgpu for n in snap if n.offered_gbps > 0), default=0.0))
         self._snap = (now, snap)
         return snap
+
+    def may_place(self, ep: Endpoint, now: float) -> bool:
+        """False when `place` would surely return None for ``ep`` now: no GPU (of a node
+        offering bandwidth, for `ours`) has room for the whole model, which `ours`, `naive`
+        and `cached` all need. A cheap test for the endpoints waiting for room tick after
+        tick; True where it cannot tell (`static`)."""
+        preset = self.s.preset
+        if preset.policy not in (PolicyName.OURS, PolicyName.NAIVE):
+            return True
+        self.snapshot(now)
+        _, anywhere, offering = self._room
+        room = offering if preset.policy is PolicyName.OURS else anywhere
+        if preset.cache:
+            room = max(room, anywhere)
+        return stage_size_gb(ep.size_gb, 1) <= room
 
     def request(self, ep: Endpoint, now: float, wanted: int) -> PlacementRequest:
         """What placement decides on now; NIC admission books fetches from the same object, so
