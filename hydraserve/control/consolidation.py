@@ -41,10 +41,12 @@ class Consolidation:
             return
         inst.mark("consolidation_started")
         inst.consolidating = True  # keep-alive leaves it alone until this ends either way
+        s.touch(ep)
         try:
             await self._merge(ep, inst, all_card, booked)
         finally:
             inst.consolidating = False
+            s.touch(ep)
 
     async def _book_rest(self, ep: Endpoint, inst: Instance,
                          all_card: list[Stage]) -> list[Stage]:
@@ -118,6 +120,7 @@ class Consolidation:
                 s.gpus.release(st.claim)
         inst.stages = [head]
         inst.capacity = s.gw.batch_capacity
+        s.touch(ep)
         inst.consolidated = True
         inst.mark("consolidated")
         split = []

@@ -6,10 +6,17 @@ has work: expire and dispatch its queue (`router`), ask the pure autoscaling rul
 and stop (`autoscale`), then start instances in groups of at most 4 stages' worth (`fleet`,
 which places them with `placer` and consolidates pipelines with `consolidation`) and stop the
 idle ones. What the parts share is in `state`.
+
+An endpoint's reconcile is a no-op unless something it reads changed since its last one
+(`ControlState.touch`), it still wants instances (placement depends on the time and on the
+cluster), or a queued request's timeout or an idle instance's keep-alive may have run out
+(`Endpoint.due`); a tick reconciles only those, in registration order, and so does exactly
+what reconciling every endpoint would.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +98,7 @@ class Controller:
         old = s.endpoints.get(entry.name)
         if old is not None:
             ep.queue, ep.instances = old.queue, old.instances
-        s.endpoints[entry.name] = ep
+        s.put_endpoint(ep)
         scale = s.cluster_cfg.scale.size_scale
         if entry.size_gb is None and scale != 1:
             log.info("model %s registered: %.2f GB at the cluster's 1/%g scale (%.2f GB on disk, "
@@ -113,7 +120,7 @@ class Controller:
         await self.fleet.refresh_cache()
 
     async def unregister(self, name: str) -> None:
-        ep = self.state.endpoints.pop(name)
+        ep = self.state.drop_endpoint(name)
         for inst in list(ep.instances):
             await self.fleet.stop(inst, InstanceState.STOPPED)
         for req in ep.queue:
@@ -134,12 +141,17 @@ class Controller:
                 last_cache_check = now
                 s.spawn(self.fleet.refresh_cache())
             s.nics.advance(now)
-            for ep in list(s.endpoints.values()):
+            for ep, only_wanting in s.due(now):
+                ep.changed = False  # a change during its reconcile marks it again
                 if not ep.queue and not ep.instances:
+                    ep.wanting, ep.due = False, math.inf
                     continue  # nothing to do (most endpoints, most of the time)
+                if only_wanting and not self.placer.may_place(ep, now):
+                    continue  # its reconcile would only fail to place the instances it wants
                 try:
                     self.reconcile(ep, now)
                 except Exception:  # noqa: BLE001 - one endpoint must not stop the loop
+                    ep.changed = True  # tried again next tick
                     log.exception("reconcile of %s failed", ep.name)
 
     def reconcile(self, ep: Endpoint, now: float) -> None:
@@ -159,6 +171,8 @@ class Controller:
             inst = self.state.instances[iid]
             log.info("instance %s idle for %.0f s: scaling down", iid, now - inst.last_used)
             self.state.spawn(self.fleet.stop(inst, InstanceState.STOPPED))
+        ep.wanting = decision.start > 0
+        ep.due = self.state.due_at(ep, self.scaling.keep_alive_s)
 
     # -- the read API ------------------------------------------------------------------------------
     def models(self) -> dict[str, Endpoint]:

@@ -35,6 +35,8 @@ class Fleet:
         """Place and start up to ``wanted`` instances, at most `MAX_GROUP` stages in all."""
         budget = MAX_GROUP
         while wanted > 0 and budget > 0:
+            if not self.placer.may_place(ep, now):
+                return
             req = self.placer.request(ep, now, wanted)
             placement = self.placer.place(req)
             if placement is None or placement.p > budget:
@@ -105,6 +107,7 @@ class Fleet:
             return
         inst.state = InstanceState.READY
         inst.last_used = st.clock()
+        st.touch(ep)
         inst.mark("ready")
         st.log("ready", instance=inst.id)
         st.wake()
@@ -201,12 +204,14 @@ class Fleet:
         """Stop a ready instance in the background; from this moment it takes no request."""
         if inst.state is InstanceState.READY:
             inst.state = InstanceState.STOPPING
+            self.s.touch_model(inst.model)
             self.s.spawn(self._teardown(inst, final))
 
     async def stop(self, inst: Instance, final: InstanceState = InstanceState.STOPPED) -> None:
         if inst.state in (InstanceState.STOPPING, InstanceState.STOPPED):
             return
         inst.state = InstanceState.STOPPING
+        self.s.touch_model(inst.model)
         await self._teardown(inst, final)
 
     async def _teardown(self, inst: Instance, final: InstanceState) -> None:
@@ -222,7 +227,7 @@ class Fleet:
             st.release_fetch(s)
             st.gpus.release(s.claim)
         inst.state = final
-        st.remove(inst)
+        st.remove(inst)  # touches its endpoint
         st.log("deleted", instance=inst.id, state=final.value, error=inst.error)
         log.info("instance %s %s", inst.id, final.value)
         if st.preset.cache:

@@ -54,6 +54,7 @@ class Router:
             # loses its worker continues elsewhere exactly as it would have
             req.params["seed"] = secrets.randbits(62)
         ep.queue.append(req)
+        s.touch(ep)
         s.wake()
 
     def cancel(self, req: Request, by_client: bool = True) -> None:
@@ -67,6 +68,7 @@ class Router:
             ep.cancelled += 1
         if req.task is not None:
             req.task.cancel()
+        self.s.touch(ep)
         self.s.wake()
 
     async def drain(self, grace_s: float) -> int:
@@ -80,6 +82,7 @@ class Router:
         ended = 0
         for ep in s.endpoints.values():
             queued, ep.queue = ep.queue, []
+            s.touch(ep)
             for req in queued:
                 req.events.put_nowait(dict(SHUTTING_DOWN))
                 ended += 1
@@ -110,6 +113,7 @@ class Router:
 
     def dispatch(self, inst: Instance, req: Request) -> None:
         inst.active += 1
+        self.s.touch_model(inst.model)
         req.instance = inst.id
         req.placed.set()
         self.s.serving[req.id] = req
@@ -139,6 +143,7 @@ class Router:
             s.serving.pop(req.id, None)
             inst.active -= 1
             inst.last_used = s.clock()
+            s.touch_model(inst.model)  # and the request put back in its queue, if it was
             s.log("request_end", instance=inst.id, model=inst.model, request=req.id,
                   tokens=req.tokens)
             s.wake()
