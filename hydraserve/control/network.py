@@ -125,7 +125,8 @@ class NicLedger:
         # Time never runs backwards here: an earlier ``now`` (another clock's jitter) is a no-op.
         if self._now is not None and now > self._now:
             for node, fetches in self._active.items():
-                self._drain(self._bw[node], fetches, now - self._now)
+                if fetches:  # (an idle node has nothing to drain)
+                    self._drain(self._bw[node], fetches, now - self._now)
         if self._now is None or now > self._now:
             self._now = now
 
