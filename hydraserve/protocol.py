@@ -64,8 +64,10 @@ class Phase(str, enum.Enum):
 
 
 # start-up and life-cycle events of a worker's timeline, in the order a cold start has them
+# ("profiled": the end of an emulated stock-engine profiling pass, `WorkerSpec.profile_s`)
 EVENTS = ("spawned", "attached", "imports_done", "http_ready", "connected", "weights_ready",
-          "engine_ready", "first_token", "consolidation_started", "rest_loaded", "consolidated")
+          "profiled", "engine_ready", "first_token", "consolidation_started", "rest_loaded",
+          "consolidated")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,16 @@ class WorkerSpec:
     gpu_memory_gb: float | None = None  # the claim, in real GB (enforced on CUDA)
     engine: str = "hydraserve"  # or "vllm": the genuine vLLM server (p = 1)
     vllm_python: str | None = None
+    # A CPU stand-in for a GPU server (a scaled testbed, `ScaleConfig.emulate_gpu_costs`)
+    # emulates two GPU-side costs of a stock vLLM engine that the CPU does not have (None: not
+    # emulated): ``profile_s``, its profiling pass and CUDA-graph capture, slept after the
+    # weights are in (the timeline's "profiled"); ``load_gbs``, its loader's host -> GPU rate in
+    # GB/s of the paper's units: the copy of the arrived checkpoint is paced to take at least
+    # bytes * size_scale / 1e9 / load_gbs seconds. ``size_scale``: the cluster's (a byte here
+    # counts as size_scale bytes of the paper's).
+    size_scale: float = 1.0
+    profile_s: float | None = None
+    load_gbs: float | None = None
 
     def to_json(self) -> dict:
         return {**asdict(self), "layers": list(self.layers), "protocol": PROTOCOL_VERSION}
@@ -123,6 +135,12 @@ def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
         args += ["--gpu-memory-gb", str(spec.gpu_memory_gb)]
     if spec.threads:
         args += ["--threads", str(spec.threads)]
+    if spec.size_scale != 1.0:
+        args += ["--size-scale", str(spec.size_scale)]
+    if spec.profile_s is not None:
+        args += ["--emulate-profile-s", str(spec.profile_s)]
+    if spec.load_gbs is not None:
+        args += ["--emulate-load-gbs", str(spec.load_gbs)]
     if spec.engine != "hydraserve":
         args += ["--engine", spec.engine]
         if spec.vllm_python:

@@ -70,6 +70,17 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "the fetch when no prefetch was ordered)")
     p.add_argument("--no-streaming-load", action="store_true",
                    help="baseline load path: wait for every byte of the stage, then load")
+    p.add_argument("--size-scale", type=float, default=1.0,
+                   help="the cluster's size scale: a byte here counts as this many bytes of "
+                        "the paper's (default: 1)")
+    p.add_argument("--emulate-profile-s", type=float, default=None, metavar="S",
+                   help="a CPU stand-in for a stock vLLM engine on a GPU: sleep S seconds (its "
+                        "profiling pass and CUDA-graph capture) after the weights are in, "
+                        "stamped 'profiled' in the timeline (default: none)")
+    p.add_argument("--emulate-load-gbs", type=float, default=None, metavar="GBS",
+                   help="a CPU stand-in for a stock loader on a GPU: pace the copy of the "
+                        "arrived weights to at least bytes * size-scale / 1e9 / GBS seconds "
+                        "(default: none)")
 
 
 def _add_vllm_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,7 +114,8 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
         max_model_len=args.max_model_len, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, threads=args.threads, late_attach=args.late_attach,
         streaming_load=not args.no_streaming_load, gpu_memory_gb=args.gpu_memory_gb,
-        engine=args.engine, vllm_python=args.vllm_python)
+        engine=args.engine, vllm_python=args.vllm_python, size_scale=args.size_scale,
+        profile_s=args.emulate_profile_s, load_gbs=args.emulate_load_gbs)
 
 
 def setup_from_args(args: argparse.Namespace) -> WorkerSetup:

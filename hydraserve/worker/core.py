@@ -34,6 +34,7 @@ from hydraserve.protocol import HANDOVER, ErrorEvent, Peer, Phase, TokenEvent, W
 from hydraserve.store.layout import StageSpec
 from hydraserve.store.progressive import ProgressiveRegion
 from hydraserve.worker.consolidation import Consolidation
+from hydraserve.worker.emulation import GpuEmulation
 from hydraserve.worker.timeline import Timeline
 from hydraserve.worker.transport import ConnectionClosed, recv_msg, send_msg
 
@@ -56,6 +57,7 @@ class WorkerConfig:
     stage_port: int = 0
     streaming_load: bool = True  # False: wait for every byte, then load (a baseline)
     token: str | None = None  # the cluster token, sent with the calls to the agent
+    emulation: GpuEmulation = GpuEmulation()  # a stock engine's GPU costs (none by default)
 
 
 class Worker(Consolidation):
@@ -116,9 +118,12 @@ class Worker(Consolidation):
             runner = StageRunner(model_cfg, self.spec, self.cfg.engine, blocks, max_len, self.h2d)
             if not self.cfg.streaming_load:
                 self.region.wait_for(self.region.length)
+            copy_started, nbytes = time.monotonic(), self.region.length
             # on CUDA the region is pinned for the load, which returns once every copy landed
             runner.load(iter_region(self.region), self.region.data)
+            self.cfg.emulation.pace_load(nbytes, copy_started, self.stopping)
             self.timeline.mark("weights_ready")
+            self.cfg.emulation.profile(self.timeline, self.stopping)
             if self.is_head or self.standalone:
                 self.scheduler = Scheduler(self.cfg.engine, blocks, max_len, model_cfg.eos_token_ids)
             self.runner = runner

@@ -166,6 +166,7 @@ def _start_worker(spec: WorkerSpec, setup: WorkerSetup, region: ProgressiveRegio
     """The engine side of the worker, loading from ``region`` (a thread) as bytes arrive."""
     from hydraserve.engine.config import EngineConfig
     from hydraserve.worker.core import Worker, WorkerConfig
+    from hydraserve.worker.emulation import GpuEmulation
 
     engine = EngineConfig(device=spec.device, dtype=spec.dtype, block_size=spec.block_size,
                           num_kv_blocks=spec.num_kv_blocks, max_num_seqs=spec.max_num_seqs,
@@ -173,7 +174,8 @@ def _start_worker(spec: WorkerSpec, setup: WorkerSetup, region: ProgressiveRegio
     cfg = WorkerConfig(worker_id=spec.worker_id, model=spec.model, rank=spec.rank, p=spec.p,
                        layers=spec.layers, all_card=spec.all_card, agent=setup.agent,
                        engine=engine, host=setup.host, stage_port=setup.stage_port,
-                       streaming_load=spec.streaming_load, token=setup.token)
+                       streaming_load=spec.streaming_load, token=setup.token,
+                       emulation=GpuEmulation.of(spec))
     worker = Worker(cfg, region, timeline)
     worker.start_loading()
     return worker
