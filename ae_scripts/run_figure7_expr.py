@@ -22,7 +22,10 @@ README) and is skipped with a message otherwise; `--vllm-python` names one.
 Breakdown columns (seconds, from the head worker's timeline on this machine's clock):
 queue_s = request sent -> worker spawned; init_s = spawned -> torch and the engine imported;
 fetch_s = region attached -> all weights loaded (the fetch, with loading overlapped);
-load_s = weights loaded -> engine ready; first_token_s = engine ready -> first token.
+load_s = weights loaded -> engine ready; first_token_s = engine ready -> first token;
+profile_s = weights loaded -> profiled, the part of load_s that is the stock engine's profiling
+pass emulated on the scaled testbeds (the baselines only; their fetch_s includes the emulated
+loader's copy; `ScaleConfig.emulate_gpu_costs`).
 For `vllm` rows: fetch_s = the download of the model to the node's disk; load_s = vLLM's own
 weight load (from its log); init_s = the rest of vLLM's start (imports, engine init, profiling,
 KV cache, warm-up).
@@ -55,7 +58,7 @@ from hydraserve.testbeds import (MODEL_SETS, PAPER_MODELS, testbed,  # noqa: E40
 EXEC_TYPES = ("serverless_vllm", "serverlessllm", "serverlessllm_with_cached_model",
               "hydraserve_with_single_worker", "hydraserve", "vllm")
 FIELDS = ["exec_type", "model", "backend", "ttft_s", "tpot_ms", "trials", "queue_s", "fetch_s",
-          "load_s", "init_s", "first_token_s"]
+          "load_s", "init_s", "first_token_s", "profile_s"]
 QUICK_MODELS = ("OPT-2.7B", "Llama2-7B")
 SHARE = {"serverlessllm": False, "serverlessllm_with_cached_model": False}  # PAPER.md 8
 # The fp16 checkpoints' bytes at the paper's scale (--sim): 2 bytes per parameter, the
@@ -150,7 +153,8 @@ def one_trial(url: str, model: str, evict: bool = False, warm: int = 0) -> dict:
             "tpot_ms": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1000,
             "queue_s": round(t["spawned"], 4) if "spawned" in t else None,
             "init_s": init, "fetch_s": gap("attached", "weights_ready"), "load_s": load,
-            "first_token_s": round(ttft - t["engine_ready"], 4) if "engine_ready" in t else None}
+            "first_token_s": round(ttft - t["engine_ready"], 4) if "engine_ready" in t else None,
+            "profile_s": gap("weights_ready", "profiled")}
 
 
 def measure(url: str, exec_type: str, backend: str, models: list[str], trials: int,
@@ -172,7 +176,7 @@ def measure(url: str, exec_type: str, backend: str, models: list[str], trials: i
         row = {"exec_type": name, "model": model, "backend": backend,
                "ttft_s": round(mean("ttft_s"), 4), "tpot_ms": round(mean("tpot_ms"), 3),
                "trials": ";".join(f"{r['ttft_s']:.3f}" for r in runs)}
-        for k in ("queue_s", "fetch_s", "load_s", "init_s", "first_token_s"):
+        for k in ("queue_s", "fetch_s", "load_s", "init_s", "first_token_s", "profile_s"):
             v = mean(k)
             row[k] = "" if v is None else round(v, 4)
         print(json.dumps(row), flush=True)
@@ -242,7 +246,7 @@ def _simulate_rows(backend: str, exec_type: str, models: list[str],
         row = {"exec_type": exec_type, "model": model, "backend": backend,
                "ttft_s": round(res["ttft_s"], 4), "tpot_ms": round(res["tpot_ms"] or 0.0, 3),
                "trials": f"{res['ttft_s']:.3f}", "queue_s": "", "fetch_s": "", "load_s": "",
-               "init_s": "", "first_token_s": ""}
+               "init_s": "", "first_token_s": "", "profile_s": ""}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -11,6 +11,7 @@ cluster::
     scale:                     # sizes and NICs below are in the paper's units (ScaleConfig)
       size_scale: 100          # a 130 MB checkpoint counts as 13 GB; 16 Gbps runs at 0.16 Gbps
       after_fetch_ms: 2000     # "everything after the fetch" in the TTFT model
+      emulate_gpu_costs: false # CPU stand-ins emulate a stock vLLM engine's GPU costs
     servers:
       - {name: a10-0, gpus: [24], nic_gbps: 16, host_memory_gb: 188, cache_gb: 0}
     kubernetes:                # only with `serve --cluster-backend kubernetes` (KubernetesConfig);
@@ -57,6 +58,11 @@ class ScaleConfig:
 
     size_scale: float = 1.0
     after_fetch_ms: float = 2000.0  # "everything after the fetch" in the TTFT model
+    # The servers are CPU stand-ins for GPU servers named after their GPU kind (a10-*, v100-*;
+    # the scaled testbeds): the workers of presets whose runtime is a stock vLLM engine emulate
+    # its GPU-side costs, its profiling pass and its loader's copy rate (`WorkerSpec.profile_s`,
+    # ``load_gbs``), with the simulator's constants for that GPU. Off for real GPU clusters.
+    emulate_gpu_costs: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ def cluster_from_dict(d: dict) -> ClusterConfig:
                                      host_memory_gb=float(s.get("host_memory_gb", 64.0)),
                                      cache_gb=float(s.get("cache_gb", 0.0)))
                         for s in d.get("servers") or ())
-        scale = ScaleConfig(**{k: float(v) for k, v in (d.get("scale") or {}).items()})
+        scale = _scale_from_dict(d.get("scale") or {})
         egress = (d.get("storage") or {}).get("egress_gbps")
         kube = d.get("kubernetes")
         cfg = ClusterConfig(servers=servers, device=str(d.get("device", "cpu")),
@@ -186,6 +192,21 @@ def cluster_from_dict(d: dict) -> ClusterConfig:
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"cluster config: device must be cpu or cuda, not {cfg.device!r}")
     return cfg
+
+
+def _scale_from_dict(d: dict) -> ScaleConfig:
+    if not isinstance(d, dict):
+        raise ConfigError("cluster config: `scale` must be a mapping")
+    out = {}
+    for k, v in d.items():
+        if k == "emulate_gpu_costs":
+            if not isinstance(v, bool):
+                raise ConfigError(f"cluster config: scale.emulate_gpu_costs must be true or "
+                                  f"false, not {v!r}")
+            out[k] = v
+        else:
+            out[k] = float(v)
+    return ScaleConfig(**out)
 
 
 def kubernetes_from_dict(d: dict) -> KubernetesConfig:

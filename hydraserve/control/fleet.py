@@ -13,9 +13,11 @@ from hydraserve.cluster.base import WorkerError
 from hydraserve.control.consolidation import Consolidation
 from hydraserve.control.instance import Instance, InstanceState, Stage
 from hydraserve.control.placer import Placer
+from hydraserve.control.presets import emulated_gpu_costs
 from hydraserve.control.snapshot import MAX_GROUP
 from hydraserve.control.state import ControlState, Endpoint
 from hydraserve.protocol import Peer, WorkerSpec
+from hydraserve.testbeds import gpu_kind_of
 
 WORKER_START_S = 180.0  # a worker's control API must serve within this
 FETCH_WAIT_S = 3600.0  # the longest wait for a stage's weights (a long-poll, re-armed)
@@ -57,6 +59,9 @@ class Fleet:
 
     def spec(self, ep: Endpoint, inst: Instance, s: Stage) -> WorkerSpec:
         cfg, gw, preset = self.s.cluster_cfg, self.s.gw, self.s.preset
+        profile_s = load_gbs = None
+        if cfg.scale.emulate_gpu_costs and gw.engine == "hydraserve":  # the genuine vLLM has both
+            profile_s, load_gbs = emulated_gpu_costs(preset, gpu_kind_of(s.node))
         return WorkerSpec(worker_id=s.worker_id, model=ep.name, node=s.node, rank=s.rank,
                           p=inst.placement.p, layers=s.layers, all_card=s.all_card,
                           num_kv_blocks=ep.num_kv_blocks, device=cfg.device,
@@ -65,7 +70,9 @@ class Fleet:
                           max_model_len=gw.max_model_len, late_attach=not preset.prefetch,
                           streaming_load=preset.streaming_load,
                           gpu_memory_gb=s.claim.gb / cfg.scale.size_scale,
-                          engine=gw.engine, vllm_python=gw.vllm_python)
+                          engine=gw.engine, vllm_python=gw.vllm_python,
+                          size_scale=cfg.scale.size_scale, profile_s=profile_s,
+                          load_gbs=load_gbs)
 
     async def _start(self, ep: Endpoint, inst: Instance) -> None:
         st, cluster, p = self.s, self.s.cluster, inst.placement.p

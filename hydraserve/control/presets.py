@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from hydraserve.control.placement import PolicyName
+from hydraserve.testbeds import GPUS, STOCK_PROFILE_S, VLLM_LOADER_SLOWDOWN
 
 
 class ExecType(enum.Enum):
@@ -34,6 +35,13 @@ class Preset:
     # control plane waits for the prefetch to complete; a cached checkpoint skips the download)
     start_after_fetch: bool = False
 
+    @property
+    def stock_engine(self) -> bool:
+        """Its runtime is a stock vLLM engine (Serverless vLLM, ServerlessLLM): it loads only
+        after the download, with a stock loader, and runs vLLM's profiling pass; HydraServe's
+        streaming load skips both (PAPER.md 2.3)."""
+        return not self.streaming_load
+
 
 PRESETS: dict[ExecType, Preset] = {
     # naive placement, no prefetch (the fetch starts once the worker is up), load after download
@@ -58,6 +66,20 @@ PRESETS: dict[ExecType, Preset] = {
     ExecType.HYDRASERVE: Preset(PolicyName.OURS, max_p=4),
     ExecType.HYDRASERVE_WITH_CACHE: Preset(PolicyName.OURS, max_p=4, cache=True),
 }
+
+
+def emulated_gpu_costs(p: Preset, gpu: str) -> tuple[float | None, float | None]:
+    """(profile_s, load_gbs) that a CPU stand-in for a server with a ``gpu`` ("a10", "v100")
+    emulates under ``p`` (`WorkerSpec`'s fields; a scaled testbed only), with the simulator's
+    constants for that GPU (`CostModel.gpu_default`): the stock engine's profiling pass, and
+    its loader's rate: PCIe for ServerlessLLM's loader (it reads the checkpoint from host
+    memory), PCIe / VLLM_LOADER_SLOWDOWN for vLLM's stock loader after its own download
+    (Serverless vLLM: no prefetch). (None, None) for the streaming presets and for a kind
+    without those constants ("cpu")."""
+    if not p.stock_engine or gpu not in STOCK_PROFILE_S:
+        return None, None
+    pcie = GPUS[gpu].pcie_gbs
+    return STOCK_PROFILE_S[gpu], pcie if p.prefetch else pcie / VLLM_LOADER_SLOWDOWN
 
 
 def preset(name: str | ExecType) -> Preset:

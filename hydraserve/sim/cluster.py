@@ -22,7 +22,8 @@ from hydraserve.cluster.base import WorkerError, WorkerSpec
 from hydraserve.protocol import (ErrorEvent, GenerateRequest, Peer, Phase, TokenEvent,
                                  WorkerHealth)
 from hydraserve.config import ClusterConfig, ServerConfig
-from hydraserve.sim.costmodel import GPUS, CostModel, GpuSpec, ModelShape, decode_s, prefill_s
+from hydraserve.sim.costmodel import (GPUS, CostModel, GpuSpec, ModelShape, decode_s,
+                                      gpu_kind_of, prefill_s)
 from hydraserve.sim.network import Flow, FluidNetwork
 from hydraserve.store.layout import split_layers
 
@@ -31,8 +32,7 @@ TOKENS_PER_WAKEUP = 32  # decode tokens delivered per timer (times stay exact, s
 
 
 def gpu_kind(server: ServerConfig) -> str:
-    prefix = server.name.split("-")[0].lower()
-    return prefix if prefix in GPUS else "cpu"
+    return gpu_kind_of(server.name)
 
 
 class SimCluster:
@@ -241,7 +241,11 @@ class SimWorker:
           the checkpoint is in host memory (`Preset.start_after_fetch`), so the fetch it
           attaches to is complete (or none: cached); its loader copies the checkpoint host ->
           GPU at PCIe speed (ServerlessLLM's paper: the loader runs at the bandwidth of the
-          tier); its runtime is a stock vLLM engine (profile_s)."""
+          tier); its runtime is a stock vLLM engine (profile_s).
+        A spec that asks its worker to emulate a GPU's loader rate or profiling pass (a CPU
+        stand-in on a scaled testbed: `WorkerSpec.load_gbs`, ``profile_s``) is timed by those,
+        as the real worker paces itself; the control plane takes them from `gpu_default`, so
+        on a GPU host they equal the cost model's own values."""
         s, c = self.spec, self.cost
         await asyncio.sleep(c.process_s)
         self._mark("attached")
@@ -261,7 +265,9 @@ class SimWorker:
             await imports
             self._mark("imports_done")
             await flow.done
-        if s.streaming_load and not s.late_attach:  # copied while bytes arrived: the tail left
+        if s.load_gbs is not None:  # the rate the spec asks a stand-in to emulate
+            copy = self.gb / s.load_gbs
+        elif s.streaming_load and not s.late_attach:  # copied while bytes arrived: the tail
             copy = min(self.gb, CHUNK_GB) / self.gpu.pcie_gbs
         elif s.late_attach:  # vLLM's stock loader, after the download
             copy = self.gb / (self.gpu.pcie_gbs / c.vllm_loader_slowdown)
@@ -269,8 +275,11 @@ class SimWorker:
             copy = self.gb / self.gpu.pcie_gbs
         await asyncio.sleep(copy)
         self._mark("weights_ready")
-        stock_engine = not s.streaming_load  # the baselines' vLLM engine: profiling on
-        await asyncio.sleep(c.engine_init_s + (c.profile_s if stock_engine else 0.0))
+        if s.profile_s is not None:  # the pass the spec asks a stand-in to emulate
+            profile = s.profile_s
+        else:  # the baselines' vLLM engine: profiling on
+            profile = c.profile_s if not s.streaming_load else 0.0
+        await asyncio.sleep(c.engine_init_s + profile)
         self._mark("engine_ready")
         self.state = "ready"
         self.ready.set_result(True)

@@ -1,7 +1,9 @@
 """How long each step of a simulated worker takes, with the source of every constant.
 
 Fetch times are not here: they come from the fluid network model (bytes over the shared NIC
-and the store's egress, `network.py`). Everything else is below. Nothing is fitted to the
+and the store's egress, `network.py`); the GPUs' own facts are the testbeds'
+(`hydraserve.testbeds`: GPUS, VLLM_LOADER_SLOWDOWN, STOCK_PROFILE_S). Everything else is
+below. Nothing is fitted to the
 paper's results; "our choice" marks a constant with no better source.
 """
 from __future__ import annotations
@@ -9,33 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class GpuSpec:
-    name: str
-    mem_bw_gbs: float  # GB/s
-    fp16_tflops: float  # dense tensor-core FP16
-    pcie_gbs: float  # host-to-GPU copy, GB/s in practice
-
-
-# NVIDIA datasheets: A10 600 GB/s GDDR6, 125 TFLOPS FP16 tensor; V100 SXM2 900 GB/s HBM2,
-# 125 TFLOPS. PCIe in practice (PAPER.md 9): A10 hosts Gen4 x16 ~25 GB/s, V100 hosts Gen3 ~12.
-GPUS = {"a10": GpuSpec("A10", 600.0, 125.0, 25.0),
-        "v100": GpuSpec("V100", 900.0, 125.0, 12.0),
-        # The local testbed's "GPUs" are this machine's CPU running 1/100-size stand-ins, in
-        # the paper's units: a 13 GB stand-in decodes a token in ~45 ms (results/figure7,
-        # p = 1 TPOT) -> 13 / 0.045 ~ 290 "GB/s"; loading the arrived bytes took ~0.05 s ->
-        # ~260 "GB/s"; prefill ~500 tokens/s of a 100M-parameter float32 model
-        # (benchmarks/engine.py) -> 2 x 6.5e9 x 500 / 1e12 = 6.5 "TFLOPS".
-        "cpu": GpuSpec("CPU", 290.0, 6.5, 260.0)}
-
-
-# ServerlessLLM (Fu et al., OSDI'24): its checkpoint loader is 3.6x-8.2x faster than the PyTorch
-# and Safetensors loaders (its loading microbenchmarks), and it runs at the bandwidth of the tier
-# it reads (host memory -> GPU: PCIe). vLLM 0.4.2 loads with those stock loaders (the file to
-# host memory, then each tensor to the GPU), so we take the middle of that range: a stock load
-# runs at PCIe / 5.9.
-VLLM_LOADER_SLOWDOWN = (3.6 + 8.2) / 2
+# the GPUs (GpuSpec, GPUS), the stock loader's slowdown and the stock engine's profiling pass
+# are the testbeds' facts (hydraserve/testbeds.py, with their sources): the control plane reads
+# them too, for the scaled testbeds' emulated GPU costs
+from hydraserve.testbeds import (GPUS, STOCK_PROFILE_S, VLLM_LOADER_SLOWDOWN,  # noqa: F401
+                                 GpuSpec, gpu_kind_of)
 
 
 @dataclass(frozen=True)
@@ -93,9 +73,9 @@ class CostModel:
           other part of their start: A10 1.7 s (six bars, 1.1-2.4 s), V100 3.4 s (nine bars,
           1.7-6.7 s)."""
         return CostModel(by_gpu={
-            "a10": {"import_s": 2.2, "engine_init_s": 1.95, "profile_s": 1.7,
+            "a10": {"import_s": 2.2, "engine_init_s": 1.95, "profile_s": STOCK_PROFILE_S["a10"],
                     "vllm_loader_slowdown": VLLM_LOADER_SLOWDOWN},
-            "v100": {"import_s": 3.4, "engine_init_s": 3.6, "profile_s": 3.4,
+            "v100": {"import_s": 3.4, "engine_init_s": 3.6, "profile_s": STOCK_PROFILE_S["v100"],
                      "vllm_loader_slowdown": VLLM_LOADER_SLOWDOWN}})
 
     @staticmethod
@@ -105,7 +85,14 @@ class CostModel:
         ~2.0 s of one core, weights -> engine ready ~0.05 s, engine ready -> first token
         ~0.08 s). Every emulated server is the same machine: concurrent imports share its 2
         cores (one core each at most). Use with ``device="cpu"`` (the `GPUS["cpu"]` spec).
-        Our workers have no profiling pass and one loader for every preset."""
+        Our workers have no profiling pass and one loader (memory speed) of their own
+        (profile_s 0, the CPU's "PCIe"); on the scaled testbeds (`ScaleConfig.emulate_gpu_costs`)
+        the control plane asks the workers of the stock-engine presets to emulate the GPU's:
+        `gpu_default`'s profile_s of the server's GPU kind and its loader rate (PCIe, over
+        `VLLM_LOADER_SLOWDOWN` for vLLM's loader), in their `WorkerSpec` (profile_s, load_gbs;
+        `hydraserve.control.presets.emulated_gpu_costs`). A simulated worker takes both from
+        its spec as the real one does (`SimWorker._boot`), so the values are not repeated
+        here."""
         return CostModel(process_s=0.3, import_s=1.7, engine_init_s=0.05, profile_s=0.0,
                          hop_ms=1.0, migrate_s=0.2, request_s=0.1, shared_cores=2)
 
