@@ -51,6 +51,8 @@ log = logging.getLogger("hydraserve.agent")
 
 COUNTER = 8  # bytes of the received-bytes counter at the start of every region
 FREED_KEPT = 128  # freed regions /fetches still describes
+CHUNK_S = 0.04  # on a limited NIC a chunk is this much of its rate ...
+MIN_CHUNK = 2**20  # ... but at least this many bytes
 SHM_PREFIX = "hs_"  # every region's segment is named hs_<agent pid>_<random>
 
 
@@ -252,8 +254,18 @@ class Agent:
             region.shm.unlink()
 
     # -- fetching ----------------------------------------------------------------------------
+    def _chunk_bytes(self) -> int:
+        """One range request's bytes: ``chunk_mb`` on an unlimited NIC (fewer requests, less
+        CPU per GB); on a limited one about `CHUNK_S` of its rate (at least `MIN_CHUNK`), so
+        the region's contiguous prefix, which the loader follows, grows smoothly and the
+        last tensors wait for little more than the last bytes."""
+        most = max(64 * 1024, int(self.cfg.chunk_mb * 2**20))
+        if self.nic.bytes_per_s is None:
+            return most
+        return int(min(most, max(MIN_CHUNK, self.nic.bytes_per_s * CHUNK_S)))
+
     async def _fetch(self, region: Region) -> None:
-        chunk = max(64 * 1024, int(self.cfg.chunk_mb * 2**20))
+        chunk = self._chunk_bytes()
         spans = [(s, min(s + chunk, region.size)) for s in range(0, region.size, chunk)]
         got = [0] * len(spans)
         order = iter(range(len(spans)))

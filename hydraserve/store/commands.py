@@ -56,8 +56,9 @@ def _add_agent(ssub: argparse._SubParsersAction) -> None:
     a.add_argument("--streams", type=int, default=2,
                    help="parallel range connections per fetch (default: 2)")
     a.add_argument("--chunk-mb", type=float, default=16.0,
-                   help="fetch chunk size: each is one range request, and chunks go to the "
-                        "streams in order; larger chunks cost fewer requests (default: 16)")
+                   help="largest fetch chunk: each chunk is one range request, and chunks go "
+                        "to the streams in order; on a limited NIC a chunk is ~40 ms of its "
+                        "rate, at least 1 MiB (default: 16)")
     a.set_defaults(func=_cmd_agent)
 
 
