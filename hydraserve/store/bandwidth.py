@@ -1,8 +1,10 @@
 """An emulated network link: a byte rate really enforced, shared fairly by its users.
 
 Every sender reserves a grant before moving bytes; grants are handed out on a virtual clock in
-request order, so n busy senders interleave their grants and get 1/n of the rate each. Sleeps
-that overshoot are absorbed because the clock advances by exact amounts.
+request order, so n busy senders interleave their grants and get 1/n of the rate each. A grant's
+bytes may move once its slot on the link has ended (they have then crossed it), so no transfer
+beats the rate, not even by its first grant. Sleeps that overshoot are absorbed because the
+clock advances by exact amounts.
 
 Grants are large (:meth:`Link.grant`: about 20 ms of the rate), so pacing costs one call per
 grant rather than per network read. Reservations are thread-safe: the storage agent receives in
@@ -41,7 +43,8 @@ class Link:
 
     def reserve(self, n: int) -> float:
         """Book ``n`` bytes on the link; returns how many seconds the caller must wait before
-        moving them (0 when the link is idle or unlimited)."""
+        moving them: until the end of their slot, the time they take to cross the link after
+        every byte booked before them (0 when the link is unlimited)."""
         with self._lock:
             self.bytes_total += n
             if self.bytes_per_s is None:
@@ -49,7 +52,7 @@ class Link:
             now = time.monotonic()
             start = max(self._next, now)
             self._next = start + n / self.bytes_per_s
-            return start - now
+            return self._next - now
 
     async def acquire(self, n: int) -> None:
         """Wait (on the event loop) until ``n`` more bytes may cross the link."""
