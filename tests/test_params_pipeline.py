@@ -76,6 +76,17 @@ def reference(model):
         yield runs, resumed
 
 
+def _same_top(x: list, y: list, name: str) -> None:
+    """Top logprobs rank by rank: the same logprob (within 1e-4) and the same token, except
+    where two tokens tie: the model gives tokens 38 and 66 the very same float32 logprob at one
+    step of the "top_p" case, and which of them topk ranks first depends on the batch's layout
+    (a last-bit difference or the tie's order), not on the parameters."""
+    assert len(x) == len(y), name
+    for (t, v), (u, w) in zip(x, y):
+        assert abs(v - w) < 1e-4, name
+        assert t == u or abs(v - w) < 1e-5, (name, x, y)
+
+
 def _same(a: list[dict], b: list[dict], name: str) -> None:
     assert [it["token_id"] for it in a] == [it["token_id"] for it in b], name
     assert [it["finish_reason"] for it in a] == [it["finish_reason"] for it in b], name
@@ -83,7 +94,7 @@ def _same(a: list[dict], b: list[dict], name: str) -> None:
         assert ("logprob" in x) == ("logprob" in y), name
         if "logprob" in x:
             assert abs(x["logprob"] - y["logprob"]) < 1e-4, name
-            assert [t for t, _ in x["top_logprobs"]] == [t for t, _ in y["top_logprobs"]], name
+            _same_top(x["top_logprobs"], y["top_logprobs"], name)
         if "prompt_logprobs" in x:
             for e, f in zip(x["prompt_logprobs"][1:], y["prompt_logprobs"][1:]):
                 assert abs(e[0] - f[0]) < 1e-4, name
