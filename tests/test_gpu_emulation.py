@@ -121,6 +121,9 @@ def test_a_worker_paces_its_load_and_sleeps_its_profiling_pass(llama_dir):
 @pytest.mark.multiprocess
 def test_a_worker_without_emulation_neither_paces_nor_profiles(llama_dir):
     with LocalPipeline(GroupConfig(llama_dir, threads_per_worker=1)) as pipe:
+        # the pipeline is up once its ring is; a first step waits for the weights
+        items = list(pipe.generate([5, 9, 13], max_tokens=1))
+        assert all("error" not in it for it in items), items
         t = pipe.health(0)["timeline"]
     assert "profiled" not in t
     # the paced test's bound means something: unpaced, the load takes far less
