@@ -391,3 +391,27 @@ def test_range_connection_errors_and_stop(root, store):
         assert not t.is_alive() and failed and time.monotonic() - t0 < 1.0
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+@pytest.mark.parametrize("size", [5 * 2**20 + 17, 50 * 2**20, 201_377_240, 2**30 + 1])
+def test_unthrottled_chunks_split_an_image_evenly_over_the_streams(streams, size):
+    """On an unlimited NIC the spans are at most --chunk-mb, equal, and as many as a multiple of
+    the streams (no stream left alone with one last chunk), unless they would go under MIN_CHUNK.
+    With 16 MB chunks and 2 streams a 50 MB image used to go 16 + 16 + 16 + 2 MB, one stream
+    carrying 32 MB while the other carried 18 MB."""
+    from hydraserve.store.agent import MIN_CHUNK, Agent, AgentConfig
+    agent = Agent(AgentConfig("n0", "http://127.0.0.1:9", streams=streams, chunk_mb=16))
+    try:
+        chunk = agent._chunk_bytes(size)
+        n = -(-size // chunk)
+        assert chunk <= 16 * 2**20
+        assert size - (n - 1) * chunk > chunk - n  # the last span is as long as the others
+        assert n % streams == 0 or size // (-(-n // streams) * streams) < MIN_CHUNK
+        if n > 1:
+            assert chunk >= MIN_CHUNK
+        limited = Agent(AgentConfig("n1", "http://127.0.0.1:9", nic_gbps=0.8, streams=streams))
+        assert limited._chunk_bytes(size) == int(0.8e9 / 8 * 0.04)  # ~40 ms of the NIC, as before
+        limited.receivers.shutdown()
+    finally:
+        agent.receivers.shutdown()

@@ -107,7 +107,7 @@ class AgentConfig:
     nic_gbps: float | None = None  # None: unlimited
     cache_gb: float = 0.0
     streams: int = 2
-    chunk_mb: float = 16.0
+    chunk_mb: float = 64.0
     token: str | None = None  # the cluster token: sent to the store
     retries: int = 5  # a cut connection is retried at least this many times ...
     retry_s: float = 30.0  # ... and for as long as this (a store restarting takes seconds)
@@ -254,18 +254,25 @@ class Agent:
             region.shm.unlink()
 
     # -- fetching ----------------------------------------------------------------------------
-    def _chunk_bytes(self) -> int:
-        """One range request's bytes: ``chunk_mb`` on an unlimited NIC (fewer requests, less
-        CPU per GB); on a limited one about `CHUNK_S` of its rate (at least `MIN_CHUNK`), so
-        the region's contiguous prefix, which the loader follows, grows smoothly and the
-        last tensors wait for little more than the last bytes."""
+    def _chunk_bytes(self, size: int) -> int:
+        """One range request's bytes for an image of ``size`` bytes. On an unlimited NIC about
+        ``chunk_mb`` (fewer requests, less CPU per GB), with the count of chunks a multiple of
+        the streams and their sizes equal, so no stream is left with one more chunk than the
+        others (or alone with a short image) at the end. On a limited NIC about `CHUNK_S` of
+        its rate (at least `MIN_CHUNK`), so the region's contiguous prefix, which the loader
+        follows, grows smoothly and the last tensors wait for little more than the last bytes."""
         most = max(64 * 1024, int(self.cfg.chunk_mb * 2**20))
-        if self.nic.bytes_per_s is None:
-            return most
-        return int(min(most, max(MIN_CHUNK, self.nic.bytes_per_s * CHUNK_S)))
+        if self.nic.bytes_per_s is not None:
+            return int(min(most, max(MIN_CHUNK, self.nic.bytes_per_s * CHUNK_S)))
+        streams = max(1, self.cfg.streams)
+        n = -(-max(1, size) // most)
+        balanced = -(-n // streams) * streams
+        if size // balanced >= MIN_CHUNK:  # a short image is not worth splitting further
+            n = balanced
+        return max(1, -(-size // n))
 
     async def _fetch(self, region: Region) -> None:
-        chunk = self._chunk_bytes()
+        chunk = self._chunk_bytes(region.size)
         spans = [(s, min(s + chunk, region.size)) for s in range(0, region.size, chunk)]
         got = [0] * len(spans)
         order = iter(range(len(spans)))

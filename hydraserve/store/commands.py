@@ -55,10 +55,11 @@ def _add_agent(ssub: argparse._SubParsersAction) -> None:
                    help="host memory for whole models kept after use, LRU (default: 0, no cache)")
     a.add_argument("--streams", type=int, default=2,
                    help="parallel range connections per fetch (default: 2)")
-    a.add_argument("--chunk-mb", type=float, default=16.0,
+    a.add_argument("--chunk-mb", type=float, default=64.0,
                    help="largest fetch chunk: each chunk is one range request, and chunks go "
-                        "to the streams in order; on a limited NIC a chunk is ~40 ms of its "
-                        "rate, at least 1 MiB (default: 16)")
+                        "to the streams in order; on an unlimited NIC the image is cut into "
+                        "equal chunks, as many as a multiple of --streams; on a limited NIC a "
+                        "chunk is ~40 ms of its rate, at least 1 MiB (default: 64)")
     a.set_defaults(func=_cmd_agent)
 
 
