@@ -1,13 +1,12 @@
 """The node storage agent: pulls images from the remote store into shared memory.
 
 One agent runs on every (emulated) GPU server. On a prefetch order it creates a shared-memory
-region ``[counter: u64 LE][image bytes]`` and fills it over ``streams`` parallel HTTP range
-connections, chunk by chunk in order, advancing the counter to the number of *contiguous* image
-bytes received. Bytes are received in threads, ``recv_into`` straight into the region
-(``rangeget``), and paced by large grants of the NIC link. A worker attaches to the region (even before the fetch ends) and loads each
-tensor as soon as the counter passes its end. All fetches of a node share its NIC limit fairly.
-A cut connection resumes from the last byte received. Whole-model (``full``) images may stay
-cached after their readers leave, LRU within the cache budget. HTTP API:
+region ``[counter: u64 LE][image bytes]`` and fills it over ``streams`` HTTP range connections,
+chunk by chunk in order (received in threads, ``recv_into`` straight into the region, paced by
+large grants of the NIC link), the counter at the number of *contiguous* image bytes in. A worker
+attaches (even before the fetch ends) and loads each tensor once the counter passes its end.
+A node's fetches share its NIC fairly; a cut connection resumes from the last byte in. Whole-model
+(``full``) images may stay cached after their readers leave, LRU within the budget. HTTP API:
 
   GET    /health
   POST   /prefetch   {"model", "kind", "p", "rank"}  -> region (idempotent per image)
@@ -255,20 +254,16 @@ class Agent:
 
     # -- fetching ----------------------------------------------------------------------------
     def _chunk_bytes(self, size: int) -> int:
-        """One range request's bytes for an image of ``size`` bytes. On an unlimited NIC about
-        ``chunk_mb`` (fewer requests, less CPU per GB), with the count of chunks a multiple of
-        the streams and their sizes equal, so no stream is left with one more chunk than the
-        others (or alone with a short image) at the end. On a limited NIC about `CHUNK_S` of
-        its rate (at least `MIN_CHUNK`), so the region's contiguous prefix, which the loader
-        follows, grows smoothly and the last tensors wait for little more than the last bytes."""
+        """One range request's bytes for an image of ``size``. Unlimited NIC: equal chunks of
+        at most ``chunk_mb``, as many as a multiple of the streams (no stream ends alone with a
+        last chunk). Limited NIC: ~`CHUNK_S` of its rate (at least `MIN_CHUNK`), so the prefix
+        the loader follows grows smoothly and the last tensors wait for little more."""
         most = max(64 * 1024, int(self.cfg.chunk_mb * 2**20))
         if self.nic.bytes_per_s is not None:
             return int(min(most, max(MIN_CHUNK, self.nic.bytes_per_s * CHUNK_S)))
-        streams = max(1, self.cfg.streams)
         n = -(-max(1, size) // most)
-        balanced = -(-n // streams) * streams
-        if size // balanced >= MIN_CHUNK:  # a short image is not worth splitting further
-            n = balanced
+        balanced = -(-n // max(1, self.cfg.streams)) * max(1, self.cfg.streams)
+        n = balanced if size // balanced >= MIN_CHUNK else n  # short images: no finer split
         return max(1, -(-size // n))
 
     async def _fetch(self, region: Region) -> None:
@@ -287,10 +282,8 @@ class Agent:
                 while first_open < len(spans) and \
                         got[first_open] == spans[first_open][1] - spans[first_open][0]:
                     first_open += 1
-                if first_open == len(spans):
-                    region.set_received(region.size)
-                else:
-                    region.set_received(spans[first_open][0] + got[first_open])
+                done = first_open == len(spans)
+                region.set_received(region.size if done else spans[first_open][0] + got[first_open])
 
         async def stream() -> None:
             conn = RangeConnection(self.cfg.remote, self.cfg.token)  # kept alive across spans
