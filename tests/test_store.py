@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -415,3 +416,43 @@ def test_unthrottled_chunks_split_an_image_evenly_over_the_streams(streams, size
         limited.receivers.shutdown()
     finally:
         agent.receivers.shutdown()
+
+
+_EXIT_PROBE = r"""
+import asyncio, json, signal, sys
+from asyncio import selector_events
+from aiohttp import web
+from hydraserve.store.server import serve
+
+seen = {}
+close_pipe = selector_events.BaseSelectorEventLoop._close_self_pipe
+
+def probe(self):
+    fd = signal.set_wakeup_fd(-1)  # reads the wake-up fd (and puts it back)
+    signal.set_wakeup_fd(fd)
+    seen.update(wakeup_fd=fd, sigterm=str(signal.getsignal(signal.SIGTERM)))
+    close_pipe(self)
+
+selector_events.BaseSelectorEventLoop._close_self_pipe = probe
+
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.2, stop.set)
+    await serve(web.Application(), "127.0.0.1", 0, "probe", stop)
+
+asyncio.run(main())
+print(json.dumps(seen))
+"""
+
+
+def test_a_server_closes_its_loop_with_no_signal_wakeup_fd_and_sigterm_ignored():
+    """When the loop closes its wake-up pipe, no signal may still write there (a second SIGTERM
+    during a worker's exit printed "Exception ignored when trying to write to the signal wakeup
+    fd ... Bad file descriptor" into its log), and SIGTERM is already ignored. Read at the very
+    moment the pipe closes, in a server process of its own."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE], capture_output=True, text=True,
+                         timeout=60, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"wakeup_fd": -1, "sigterm": str(signal.SIG_IGN)}, (seen, out.stderr)

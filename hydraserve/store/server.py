@@ -53,7 +53,22 @@ async def serve(app: web.Application, host: str, port: int, what: str,
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        try:
+            await runner.cleanup()
+        finally:
+            quiet_exit(loop)
+
+
+def quiet_exit(loop: asyncio.AbstractEventLoop) -> None:
+    """On the way out, while the loop is still open: its signal handlers go, which clears the
+    signal wake-up fd (closing the loop closes that pipe before it drops its handlers, and a
+    signal landing in between was written to a closed, or reused, descriptor: "Exception
+    ignored when trying to write to the signal wakeup fd"), and SIGTERM is ignored from here on:
+    a second one (a backend stopping a worker that already stops on the first) must not kill
+    the process in the middle of its clean exit."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run_until(app: web.Application, host: str, port: int, what: str,
@@ -72,8 +87,4 @@ def run_until(app: web.Application, host: str, port: int, what: str,
         finally:
             exit_requested.set()
 
-    asyncio.run(main())
-    # the server is down and the caller is on its way out: closing the loop put SIGTERM back to
-    # its default, and a second one (a backend stopping a worker that already stopped on the
-    # first) would kill the process in the middle of its clean exit
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    asyncio.run(main())  # serve() ignores SIGTERM from its way out on (quiet_exit)
