@@ -403,6 +403,7 @@ def test_unthrottled_chunks_split_an_image_evenly_over_the_streams(streams, size
     carrying 32 MB while the other carried 18 MB."""
     from hydraserve.store.agent import MIN_CHUNK, Agent, AgentConfig
     agent = Agent(AgentConfig("n0", "http://127.0.0.1:9", streams=streams, chunk_mb=16))
+    limited = Agent(AgentConfig("n1", "http://127.0.0.1:9", nic_gbps=0.8, streams=streams))
     try:
         chunk = agent._chunk_bytes(size)
         n = -(-size // chunk)
@@ -411,15 +412,14 @@ def test_unthrottled_chunks_split_an_image_evenly_over_the_streams(streams, size
         assert n % streams == 0 or size // (-(-n // streams) * streams) < MIN_CHUNK
         if n > 1:
             assert chunk >= MIN_CHUNK
-        limited = Agent(AgentConfig("n1", "http://127.0.0.1:9", nic_gbps=0.8, streams=streams))
         assert limited._chunk_bytes(size) == int(0.8e9 / 8 * 0.04)  # ~40 ms of the NIC, as before
-        limited.receivers.shutdown()
     finally:
         agent.receivers.shutdown()
+        limited.receivers.shutdown()
 
 
 _EXIT_PROBE = r"""
-import asyncio, json, signal, sys
+import asyncio, json, signal
 from asyncio import selector_events
 from aiohttp import web
 from hydraserve.store.server import serve

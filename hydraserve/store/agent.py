@@ -261,8 +261,9 @@ class Agent:
         most = max(64 * 1024, int(self.cfg.chunk_mb * 2**20))
         if self.nic.bytes_per_s is not None:
             return int(min(most, max(MIN_CHUNK, self.nic.bytes_per_s * CHUNK_S)))
-        n = -(-max(1, size) // most)
-        balanced = -(-n // max(1, self.cfg.streams)) * max(1, self.cfg.streams)
+        streams = max(1, self.cfg.streams)
+        n = max(1, -(-size // most))
+        balanced = -(-n // streams) * streams
         n = balanced if size // balanced >= MIN_CHUNK else n  # short images: no finer split
         return max(1, -(-size // n))
 
