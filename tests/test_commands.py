@@ -1,6 +1,6 @@
 """The command line's plumbing: the environment read once and passed down, the backend factory,
-the worker's flags as a WorkerSpec, the warm runtime's assignment, and the explicit token of
-the blocking HTTP calls."""
+the worker's flags as a WorkerSpec, the warm runtime's assignment, the explicit token of the
+blocking HTTP calls, and the pruning of old run log folders."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import pytest
 from hydraserve.cli import build_parser, read_environment
 from hydraserve.cluster.factory import BackendKind, build_backend, default_cluster
 from hydraserve.config import ClusterConfig, ScaleConfig, ServerConfig
+from hydraserve.gateway.commands import prune_run_logs
 from hydraserve.httpjson import call, get_bytes, stream
 from hydraserve.protocol import (RUNTIME_READY, ProtocolError, RuntimeAssignment, WorkerSpec,
                                  worker_args)
@@ -135,3 +136,33 @@ def test_each_call_carries_its_own_token():
     finally:
         server.shutdown()
         server.server_close()
+
+
+DEAD_PID = 2**30  # above any pid_max: no such process
+
+
+def test_old_run_log_folders_are_pruned_except_live_runs(tmp_path):
+    """The newest ``keep`` run folders stay; older ones go unless their run's process lives
+    (this test's own pid stands for a run still serving); other names are not touched."""
+    import os
+
+    names = [f"serve-20261201-10000{i}-{DEAD_PID}" for i in range(4)]
+    names[1] = f"serve-20261201-100001-{os.getpid()}"
+    for n in names:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "store.log").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "serve-notes.txt").write_text("a file, not a run")
+    removed = prune_run_logs(tmp_path, keep=2)
+    assert sorted(d.name for d in removed) == [names[0]]
+    left = sorted(d.name for d in tmp_path.iterdir())
+    assert left == sorted([*names[1:], "mine", "serve-notes.txt"])
+    assert prune_run_logs(tmp_path, keep=0) == [tmp_path / names[2], tmp_path / names[3]]
+    assert sorted(d.name for d in tmp_path.iterdir()) == sorted([names[1], "mine",
+                                                                  "serve-notes.txt"])
+
+
+def test_keep_logs_defaults_to_twenty_and_zero_keeps_all():
+    args = build_parser().parse_args(["serve"])
+    assert args.keep_logs == 20
+    assert build_parser().parse_args(["serve", "--keep-logs", "0"]).keep_logs == 0

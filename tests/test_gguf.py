@@ -192,11 +192,17 @@ def test_safetensors_header_is_valid(converted):
 @pytest.mark.multiprocess
 def test_default_serve_answers_the_openai_client(gguf_file, tmp_path):
     """`hydraserve serve` with no arguments converts the packaged model into its cache and serves
-    it on the default cluster; a greedy chat answer names Paris."""
+    it on the default cluster; a greedy chat answer names Paris. Its logs go to a new run folder
+    under the cache, and with --keep-logs 2 the older of two earlier runs' folders is removed."""
     openai = pytest.importorskip("openai")
     from hydraserve.store.launch import ServerProcess
 
-    server = ServerProcess(["serve", "--port", "0", "--keep-alive", "5"], tmp_path / "gw.log",
+    logs = tmp_path / "cache" / "logs"
+    old = [logs / f"serve-20261201-10000{i}-{2**30}" for i in range(2)]  # no such pid
+    for d in old:
+        d.mkdir(parents=True)
+    server = ServerProcess(["serve", "--port", "0", "--keep-alive", "5", "--keep-logs", "2"],
+                           tmp_path / "gw.log",
                            timeout=120, env={"HYDRASERVE_CACHE": str(tmp_path / "cache")})
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0,
@@ -208,5 +214,8 @@ def test_default_serve_answers_the_openai_client(gguf_file, tmp_path):
         assert "Paris" in answer.choices[0].message.content
         assert answer.choices[0].finish_reason == "stop"
         assert (tmp_path / "cache" / "smollm2-135m-instruct" / "config.json").exists()
+        runs = sorted(d.name for d in logs.iterdir())
+        assert runs[0] == old[1].name and len(runs) == 2, runs
+        assert (logs / runs[1] / "store.log").exists()
     finally:
         assert server.stop() == 0

@@ -108,6 +108,10 @@ def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the local backend writes the store's, agents' and workers' logs "
                         "(default: a new folder per run under HYDRASERVE_CACHE/logs, printed "
                         "at start)")
+    p.add_argument("--keep-logs", type=int, default=20, metavar="N",
+                   help="without --log-dir: keep the newest N run log folders under "
+                        "HYDRASERVE_CACHE/logs, this run's included, and remove older ones at "
+                        "start (never one whose run is still serving); 0 keeps all (default 20)")
     p.add_argument("--lifecycle-log", default=None, metavar="PATH",
                    help="append every instance's creation (stages, GPU GB), readiness, finished "
                         "requests, consolidation and deletion to this JSONL file, with wall-clock "
@@ -159,11 +163,45 @@ def default_model(cache_root: Path) -> str:
     return str(path)
 
 
-def _run_log_dir(cache_root: Path) -> str:
-    """A new folder for this run's logs: CACHE/logs/serve-TIME-PID."""
-    path = cache_root / "logs" / time.strftime(f"serve-%Y%m%d-%H%M%S-{os.getpid()}")
+def _run_log_dir(cache_root: Path, keep: int) -> str:
+    """A new folder for this run's logs: CACHE/logs/serve-TIME-PID. Earlier runs' folders past
+    the newest ``keep`` (this one included; 0: keep all) are removed first."""
+    root = cache_root / "logs"
+    path = root / time.strftime(f"serve-%Y%m%d-%H%M%S-{os.getpid()}")
+    if keep > 0 and root.is_dir():
+        prune_run_logs(root, keep - 1)
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def prune_run_logs(root: Path, keep: int) -> list[Path]:
+    """Remove the run folders (serve-TIME-PID) under ``root`` beyond the newest ``keep``, except
+    those whose process is still alive (a run serving now). Returns what was removed."""
+    import shutil
+
+    runs = sorted((d for d in root.glob("serve-*-*-*") if d.is_dir()), key=lambda d: d.name)
+    removed = []
+    for d in runs[:max(0, len(runs) - keep)]:
+        if _alive(d.name.rsplit("-", 1)[1]):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    if removed:
+        log.info("removed %d old run log folder(s) under %s (--keep-logs)", len(removed), root)
+    return removed
+
+
+def _alive(pid: str) -> bool:
+    """Whether ``pid`` (a folder name's last part) is a live process; not a number: no."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -183,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = socket.create_server((args.host, args.port))
     url = f"http://{args.host}:{sock.getsockname()[1]}"
     if backend is None:  # the local backend, for the final cluster config
-        log_dir = args.log_dir or _run_log_dir(args.cache_root)
+        log_dir = args.log_dir or _run_log_dir(args.cache_root, args.keep_logs)
         log.info("logs of the store, the agents and the workers: %s", log_dir)
         backend = build_backend(kind, cluster_cfg, log_dir=log_dir, token=args.cluster_token)
     gateway = Gateway(gw, cluster_cfg, backend, models)
