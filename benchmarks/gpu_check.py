@@ -7,7 +7,10 @@ recorded as failed, with its error, and the others still run):
 
   reference  the engine against transformers, greedy, token by token: llama, opt and falcon made
              by make_model; float32 (32 tokens, all equal), float16 and bfloat16 (the first 16
-             equal); p = 1 and 2 in-process stages
+             equal); p = 1 and 2 in-process stages. Beside it each one's logits error against
+             exact ones (transformers in float32 on the CPU), and whether every token difference
+             is a near-tie (the two tokens' exact logits closer than that error): random-weight
+             models have many, and bfloat16 breaks some of them either way
   pipeline   a p = 2 pipeline of two worker processes on the device (store, agents, workers as
              `hydraserve generate --processes` starts them), consolidated mid-stream: its tokens
              against one in-process engine; whether any worker logged a failed registration
@@ -101,6 +104,11 @@ def _hf_model(model_dir: str, device: str, dtype: str):
 
 # -- parts ----------------------------------------------------------------------------------------
 def part_reference(ctx: Ctx) -> dict:
+    """Greedy tokens of the engine and of transformers in each dtype, and how far each one's
+    last-prompt-token logits are from exact ones (transformers in float32 on the CPU). A case
+    whose tokens differ still ``agrees`` when every first difference is a near-tie: the two
+    tokens' exact logits are closer than the dtype's own error (the larger of the two errors,
+    twice) -- in reduced precision either token is a right answer there."""
     import torch
 
     from hydraserve.engine.config import EngineConfig
@@ -108,11 +116,21 @@ def part_reference(ctx: Ctx) -> dict:
     from hydraserve.engine.sequence import SamplingParams
     from hydraserve.tokenizer import Tokenizer
 
+    def rel_err(logits: list, exact: list) -> float:
+        return max(float((a.float().cpu() - b).abs().max() / b.abs().max())
+                   for a, b in zip(logits, exact))
+
     cases = []
     for arch in ARCHS:
         model_dir = ctx.small(arch)
         prompts = [Tokenizer.from_dir(model_dir).encode(p) for p in PROMPTS]
         master = _hf_model(model_dir, "cpu", "float32")  # loaded once, cast for each dtype
+
+        def exact_logits(ids: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                return master(torch.tensor([ids])).logits[0, -1]
+
+        exact = [exact_logits(ids) for ids in prompts]
         for dtype in DTYPES:
             n = 32 if dtype == "float32" else 16
             hf = copy.deepcopy(master).to(device=ctx.device, dtype=getattr(torch, dtype))
@@ -120,19 +138,33 @@ def part_reference(ctx: Ctx) -> dict:
                 ref = [hf.generate(torch.tensor([ids], device=ctx.device), max_new_tokens=n,
                                    do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
                        for ids in prompts]
+                hf_err = rel_err([hf(torch.tensor([ids], device=ctx.device)).logits[0, -1]
+                                  for ids in prompts], exact)
             del hf
             for p in (1, 2):
                 engine = LLMEngine(model_dir, EngineConfig(device=ctx.device, dtype=dtype),
                                    pipeline=p)
                 got = [r.token_ids for r in engine.generate(
                     prompts, SamplingParams(max_tokens=n, ignore_eos=True))]
+                err = rel_err([engine.prompt_logits(ids) for ids in prompts], exact)
                 del engine
                 first = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), None)
                          for g, r in zip(got, ref)]
+                gaps = []  # the two tokens' exact logits apart, at each first difference
+                for ids, g, r, i in zip(prompts, got, ref, first):
+                    if i is not None:
+                        x = exact_logits(ids + r[:i])
+                        gaps.append(round(float((x[r[i]] - x[g[i]]).abs() / x.abs().max()), 6))
+                tolerance = 2 * max(err, hf_err)
                 cases.append({"arch": arch, "dtype": dtype, "p": p, "tokens": n,
-                              "match": got == ref, "first_mismatch": first})
+                              "match": got == ref, "first_mismatch": first,
+                              "logits_rel_err": round(err, 6),
+                              "transformers_logits_rel_err": round(hf_err, 6),
+                              "mismatch_gaps": gaps,
+                              "agrees": all(gap <= tolerance for gap in gaps)})
             _free(ctx.device)
-    return {"status": "ok", "all_match": all(c["match"] for c in cases), "cases": cases}
+    return {"status": "ok", "all_match": all(c["match"] for c in cases),
+            "all_agree": all(c["agrees"] for c in cases), "cases": cases}
 
 
 def part_pipeline(ctx: Ctx) -> dict:
@@ -470,9 +502,18 @@ def summary(r: dict) -> str:
     lines = [f"device {r['device']} ({r['gpu'] or 'no GPU'}), torch {r['torch']}"]
     ref = p.get("reference", {})
     if ref.get("status") == "ok":
-        bad = [f"{c['arch']}/{c['dtype']}/p{c['p']}" for c in ref["cases"] if not c["match"]]
-        lines.append(f"reference: {len(ref['cases']) - len(bad)}/{len(ref['cases'])} cases "
-                     f"match transformers{'; differ: ' + ', '.join(bad) if bad else ''}")
+        cases = ref["cases"]
+        differ = [f"{c['arch']}/{c['dtype']}/p{c['p']}" for c in cases if not c["match"]]
+        wrong = [f"{c['arch']}/{c['dtype']}/p{c['p']}" for c in cases if not c["agrees"]]
+        worst = {d: max(c["logits_rel_err"] for c in cases if c["dtype"] == d) for d in DTYPES}
+        worst_hf = {d: max(c["transformers_logits_rel_err"] for c in cases if c["dtype"] == d)
+                    for d in DTYPES}
+        lines.append(f"reference: {len(cases) - len(differ)}/{len(cases)} cases token-identical "
+                     f"to transformers{' (differ: ' + ', '.join(differ) + ')' if differ else ''};"
+                     f" {len(cases) - len(wrong)}/{len(cases)} agree, differences at near-ties "
+                     f"only{' (not: ' + ', '.join(wrong) + ')' if wrong else ''}")
+        lines.append("logits error vs exact, engine / transformers: " + ", ".join(
+            f"{d} {worst[d]:.1e} / {worst_hf[d]:.1e}" for d in DTYPES))
     pipe = p.get("pipeline", {})
     if pipe.get("status") == "ok":
         lines.append(f"pipeline p=2 + consolidation: tokens match {pipe['tokens_match']}, "

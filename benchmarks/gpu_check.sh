@@ -16,12 +16,10 @@
 # aiohttp -- what a GPU machine typically has. hydraserve's other dependencies (setup.py) that
 # the check imports are installed, if missing, from a folder of wheels, with no index (such a
 # machine may have no network). Make that folder on a machine with network, for the GPU
-# machine's Python version, before the repository travels there (.cache/ is git-ignored, so
-# name it where the copy is made, e.g. a device session's `carry`):
+# machine's Python version (`python3 --version` there), before the repository travels there
+# (.cache/ is git-ignored, so name it where the copy is made):
 #
-#   python -m pip download -d .cache/wheels --only-binary=:all: \
-#       --python-version 3.11 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       fastapi uvicorn prometheus_client pyyaml jinja2 numpy tqdm
+#   benchmarks/gpu_wheels.sh 3.12        # into .cache/wheels, ~35 MB
 #
 # (scipy and gguf, the rest of setup.py's list, serve `workload make` and `import-gguf` only.)
 # GPU_CHECK_WHEELS overrides the folder; PYTHON the interpreter.
