@@ -54,7 +54,8 @@ class FakeStream:
 
 class RecordingBackend:
     """Stands in for `h2d.CudaBackend`: records every call; copies on CPU for real, noting
-    whether the source lies in registered memory. ``fail``: the cudaError registration returns."""
+    whether the source lies in registered memory. ``fail``: the cudaError registration returns,
+    or the exception it raises."""
 
     def __init__(self, fail: int = 0):
         self.fail = fail
@@ -65,6 +66,8 @@ class RecordingBackend:
 
     def host_register(self, ptr: int, size: int) -> int:
         self.log.append(("register", ptr, size))
+        if isinstance(self.fail, Exception):
+            raise self.fail
         if not self.fail:
             self.pinned[ptr] = size
         return self.fail
@@ -206,9 +209,11 @@ def test_region_pinned_once_async_copies_one_sync_then_unpinned_before_close(
     assert region.shm.buf is None  # the mapping really closed: h2d kept no export of it
 
 
+@pytest.mark.parametrize("fail", [1, AttributeError("no cudaHostRegister in this build")],
+                         ids=["cudaErrorInvalidValue", "raises"])
 def test_failed_registration_falls_back_to_blocking_copies_with_a_warning(
-        llama_dir, agent, expected, caplog):
-    fake = RecordingBackend(fail=1)  # cudaErrorInvalidValue
+        llama_dir, agent, expected, caplog, fail):
+    fake = RecordingBackend(fail=fail)
     region = ProgressiveRegion.attach(agent, ImageSpec("tiny", ImageKind.FULL))
     with caplog.at_level(logging.WARNING, "hydraserve.engine"):
         with _serving(_worker(llama_dir, agent, region, fake)) as worker:

@@ -10,7 +10,8 @@ On CUDA, a load from a progressive region (``StageRunner.load(weights, host=regi
    the region's views can go);
 4. unregisters the bytes, before the caller closes the shared-memory mapping.
 
-If registration fails, the copies run from pageable memory (blocking), with a warning. On CPU
+If registration fails (an error code, or a call that raises), the copies run from
+pageable memory (blocking), with a warning. On CPU
 none of this runs: tensors are copied (or viewed) exactly as before.
 
 The CUDA calls sit behind `CudaBackend`, so that tests can record them with a fake of the same
@@ -105,11 +106,15 @@ class HostRegistration:
         self.ptr = start - start % PAGE
         self.size = -(-(start + buf.nbytes - self.ptr) // PAGE) * PAGE
         self.backend = backend
-        err = backend.host_register(self.ptr, self.size)
+        try:
+            err = backend.host_register(self.ptr, self.size)
+        except Exception as e:  # noqa: BLE001 - e.g. a torch build without the binding
+            err = f"{type(e).__name__}: {e}"
         self.ok = err == 0
         if not self.ok:
-            log.warning("cudaHostRegister of %d bytes failed (cudaError %d): copying the "
-                        "weights from pageable memory instead", self.size, err)
+            log.warning("cudaHostRegister of %d bytes failed (%s): copying the weights from "
+                        "pageable memory instead", self.size,
+                        err if isinstance(err, str) else f"cudaError {err}")
 
     def release(self) -> None:
         if not self.ok:
