@@ -6,6 +6,7 @@ loader, which checks that none is left unloaded).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class Linear(nn.Module):
         shares it (a tied embedding)."""
         if self._packed is not None or not can_pack(self.weight):
             return
+        bound_onednn_caches()
         self._packed = self.weight.data.to_mkldnn()
         if not keep_dense:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype)
@@ -45,6 +47,23 @@ class Linear(nn.Module):
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+# oneDNN's primitive cache and ideep's own (PyTorch's CPU build) keep, for each input shape a
+# packed Linear has seen, a compiled kernel and its buffers: 0.6-1.8 MB an entry measured here
+# (benchmarks/soak.py; a prefill of every new length is a new shape), 1,024 entries each by
+# default -- a warm worker serving varied prompt lengths grew by ~2 MB a round of 8 requests and
+# would have kept growing to gigabytes. 64 entries each hold a decode batch's shapes (one per
+# distinct Linear) for a dozen batch sizes; a prefill of a length not cached pays the kernel's
+# creation once per distinct Linear (~1-6 ms each). An operator's own setting is kept.
+ONEDNN_CACHE_ENTRIES = 64
+
+
+def bound_onednn_caches() -> None:
+    """Bound both caches to `ONEDNN_CACHE_ENTRIES` unless the environment says otherwise; read
+    at the process's first oneDNN primitive, so it is called before the first packing."""
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(var, str(ONEDNN_CACHE_ENTRIES))
 
 
 def can_pack(weight: torch.Tensor) -> bool:

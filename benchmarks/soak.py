@@ -1,0 +1,245 @@
+"""Soak: warm serving for many rounds in every worker mode, watching for what a leak would grow.
+
+    python benchmarks/soak.py [--modes p1,p2,consolidated] [--rounds 30] [--concurrency 8]
+                              [--drop 0.33] [--seed 0] [--json]
+
+For each mode, a pipeline of real worker processes (`LocalPipeline`, the configurations of
+tests/test_warm_serving.py: a standalone worker; the head of a p = 2 pipeline; the head of a
+p = 3 pipeline after consolidation) on a small Llama made here, with an 8 MB KV cache (256
+blocks, which the first rounds touch whole). After one warm-up round,
+``--rounds`` rounds of ``--concurrency`` concurrent /generate streams, seeded: prompts of 3-60
+tokens and max_tokens of 8-128 (ignore_eos); a ``--drop`` share of them is dropped by its client
+after a random number of tokens. After each round, once the workers run nothing and every KV
+block is free again: each live worker's and agent's resident memory, open file descriptors and
+threads (from /proc), and the shared-memory segments in /dev/shm.
+
+Per mode it reports the first and last measured round, the growth of each figure from the end of
+the first quarter of the rounds to the last (what warm-up leaves alone), and the streams: sent,
+completed with exactly max_tokens tokens, dropped, wrong (any other ending: a stream cut or an
+error). A leak shows as descriptors, threads or segments that grow with the rounds, or memory that
+keeps growing after the first quarter. Linux only (/proc)."""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine  # noqa: E402
+from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
+
+MODES = ("p1", "p2", "consolidated")
+FIGURES = ("rss_mb", "fds", "threads")
+KV_CACHE_MB = 8  # 256 blocks of 16 tokens for the soak's model: 8 streams of up to 188 fit
+
+
+def _proc(pid: int) -> dict:
+    """Resident memory (MB), open descriptors and threads of one live process."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return {"rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+            "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "threads": int(fields["Threads"])}
+
+
+def _shm_segments() -> int:
+    try:
+        return len(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return 0
+
+
+def one_stream(url: str, prompt: list[int], max_tokens: int, drop_after: int | None) -> str:
+    """One /generate stream on its own connection: "completed" (exactly ``max_tokens`` tokens,
+    finish_reason length), "dropped" (closed by us after ``drop_after`` tokens), else "wrong"."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", "/generate", body=json.dumps(
+            {"prompt_ids": prompt, "max_tokens": max_tokens, "ignore_eos": True}),
+            headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return "wrong"
+        tokens, finish = 0, None
+        for line in resp:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if "error" in item:
+                return "wrong"
+            tokens += item.get("token_id") is not None
+            finish = item.get("finish_reason") or finish
+            if drop_after is not None and tokens >= drop_after:
+                conn.sock.close()  # the client goes away mid-stream
+                return "dropped"
+        return "completed" if tokens == max_tokens and finish == "length" else "wrong"
+    except (OSError, http.client.HTTPException, ValueError):
+        return "wrong"
+    finally:
+        conn.close()
+
+
+def _wait_idle(pipe, timeout: float = 30.0) -> None:
+    """Until every live worker runs nothing and holds no KV block (a dropped stream's abort
+    and its blocks' release included)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for rank, w in enumerate(pipe.workers):
+            if w.proc.poll() is not None:
+                continue
+            h = pipe.health(rank)
+            free = h.get("kv_blocks_free")
+            if h["running"] or h["waiting"] or (free is not None and free != h["kv_blocks"]):
+                busy.append((rank, h["running"], h["waiting"], free, h["kv_blocks"]))
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers still busy {timeout:.0f} s after a round: {busy}")
+        time.sleep(0.02)
+
+
+def _measure(pipe, samples: int = 3) -> dict:
+    """Each live process's figures, the least of ``samples`` readings 50 ms apart (a connection
+    of the idle check may still be closing at the first)."""
+    procs = {f"worker{r}": w.proc.pid for r, w in enumerate(pipe.workers) if w.proc.poll() is None}
+    procs.update({f"agent{r}": a.proc.pid for r, a in enumerate(pipe.agents)})
+    readings = []
+    for i in range(samples):
+        if i:
+            time.sleep(0.05)
+        readings.append({name: _proc(pid) for name, pid in procs.items()})
+    out: dict = {name: {f: min(rd[name][f] for rd in readings) for f in FIGURES}
+                 for name in procs}
+    out["shm_segments"] = _shm_segments()
+    return out
+
+
+def _growth(rounds: list[dict]) -> dict:
+    """Each figure's change from the end of the first quarter of the rounds to the last."""
+    start = rounds[max(0, len(rounds) // 4 - 1)]
+    last = rounds[-1]
+    growth = {"shm_segments": last["shm_segments"] - start["shm_segments"]}
+    for name in last:
+        if name in start and isinstance(last[name], dict):
+            growth[name] = {f: round(last[name][f] - start[name][f], 1) for f in FIGURES}
+    return growth
+
+
+def soak_mode(mode: str, model_dir: str, args: argparse.Namespace) -> dict:
+    from hydraserve.cluster.pipeline import GroupConfig, LocalPipeline
+    from hydraserve.engine.config import EngineConfig
+
+    # a KV cache the first rounds touch whole: its pages are committed as blocks are first
+    # written (torch.zeros maps them lazily), which would read as growth
+    kw = dict(threads_per_worker=1, engine=EngineConfig(kv_cache_mb=KV_CACHE_MB))
+    cfg = {"p1": GroupConfig(model_dir, p=1, **kw), "p2": GroupConfig(model_dir, p=2, **kw),
+           "consolidated": GroupConfig(model_dir, p=3, all_card=(0,), **kw)}[mode]
+    rng = random.Random(f"{args.seed}-{mode}")
+    counts = {"sent": 0, "completed": 0, "dropped": 0, "wrong": 0}
+    rounds: list[dict] = []
+    t0 = time.monotonic()
+    with LocalPipeline(cfg) as pipe, ThreadPoolExecutor(args.concurrency) as pool:
+        list(pipe.generate([1, 2, 3], max_tokens=2, ignore_eos=True))
+        if mode == "consolidated":
+            pipe.consolidate()
+            deadline = time.monotonic() + 60
+            while not pipe.health(0)["standalone"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the head did not consolidate in 60 s")
+                time.sleep(0.05)
+        for r in range(args.rounds + 1):  # round 0 warms up and is not measured
+            jobs = []
+            for _ in range(args.concurrency):
+                n = rng.randint(8, 128)
+                prompt = [rng.randrange(3, 1000) for _ in range(rng.randint(3, 60))]
+                drop = rng.randint(1, n - 1) if rng.random() < args.drop else None
+                jobs.append(pool.submit(one_stream, pipe.head, prompt, n, drop))
+            results = [j.result() for j in jobs]
+            _wait_idle(pipe)
+            if r == 0:
+                continue
+            counts["sent"] += len(results)
+            for res in results:
+                counts[res] += 1
+            rounds.append(_measure(pipe))
+    return {"mode": mode, "rounds": args.rounds, "concurrency": args.concurrency,
+            "seconds": round(time.monotonic() - t0, 1), "streams": counts,
+            "first": rounds[0], "last": rounds[-1], "growth": _growth(rounds),
+            "rss_mb_per_round_after_warmup": {
+                name: round(_slope([rd[name]["rss_mb"] for rd in rounds[len(rounds) // 4:]]), 3)
+                for name in rounds[-1] if isinstance(rounds[-1][name], dict)}}
+
+
+def _slope(ys: list[float]) -> float:
+    """Least-squares slope per round (0 for fewer than two points)."""
+    if len(ys) < 2:
+        return 0.0
+    xs = range(len(ys))
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def leaks(result: dict) -> list[str]:
+    """What grew that should not have: descriptors, threads or shared-memory segments, or a
+    stream that ended wrong."""
+    out = []
+    if result["streams"]["wrong"]:
+        out.append(f"{result['streams']['wrong']} stream(s) ended wrong")
+    g = result["growth"]
+    if g["shm_segments"] > 0:
+        out.append(f"{g['shm_segments']} more shared-memory segment(s)")
+    for name, figs in g.items():
+        if isinstance(figs, dict):
+            for f in ("fds", "threads"):
+                if figs[f] > 0:
+                    out.append(f"{name}: {figs[f]:+g} {f}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of "
+                                                             + ", ".join(MODES))
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--drop", type=float, default=0.33, help="share of streams dropped early")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print the result as JSON last")
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    unknown = set(modes) - set(MODES)
+    if unknown or args.rounds < 1 or args.concurrency < 1:
+        ap.error(f"unknown mode(s) {sorted(unknown)}" if unknown else
+                 "--rounds and --concurrency must be at least 1")
+    out = {"machine": machine(), "seed": args.seed, "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        model = str(make_model(Path(tmp) / "m", ModelSpec(arch="llama", hidden=128, layers=4,
+                                                          vocab=1024, seed=3)))
+        for mode in modes:
+            res = soak_mode(mode, model, args)
+            res["leaks"] = leaks(res)
+            out["modes"][mode] = res
+            s = res["streams"]
+            rss = ", ".join(f"{k} {v:+.3f}" for k, v in res["rss_mb_per_round_after_warmup"].items())
+            print(f"{mode:<13} {res['seconds']:>6.1f} s  streams {s['sent']}: {s['completed']} "
+                  f"completed, {s['dropped']} dropped, {s['wrong']} wrong; RSS MB/round after "
+                  f"warm-up: {rss}; leaks: {'; '.join(res['leaks']) or 'none'}", flush=True)
+    if args.json:
+        print(json.dumps(out))
+    return 1 if any(m["leaks"] for m in out["modes"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
