@@ -1,23 +1,30 @@
 """Soak: warm serving for many rounds in every worker mode, watching for what a leak would grow.
 
-    python benchmarks/soak.py [--modes p1,p2,consolidated] [--rounds 30] [--concurrency 8]
-                              [--drop 0.33] [--seed 0] [--json]
+    python benchmarks/soak.py [--modes p1,p2,consolidated,gateway] [--rounds 30]
+                              [--concurrency 8] [--drop 0.33] [--seed 0] [--json]
 
-For each mode, a pipeline of real worker processes (`LocalPipeline`, the configurations of
-tests/test_warm_serving.py: a standalone worker; the head of a p = 2 pipeline; the head of a
-p = 3 pipeline after consolidation) on a small Llama made here, with an 8 MB KV cache (256
-blocks, which the first rounds touch whole). After one warm-up round,
-``--rounds`` rounds of ``--concurrency`` concurrent /generate streams, seeded: prompts of 3-60
-tokens and max_tokens of 8-128 (ignore_eos); a ``--drop`` share of them is dropped by its client
-after a random number of tokens. After each round, once the workers run nothing and every KV
-block is free again: each live worker's and agent's resident memory, open file descriptors and
-threads (from /proc), and the shared-memory segments in /dev/shm.
+Modes p1, p2 and consolidated: a pipeline of real worker processes (`LocalPipeline`, the
+configurations of tests/test_warm_serving.py: a standalone worker; the head of a p = 2 pipeline;
+the head of a p = 3 pipeline after consolidation), sent /generate streams. Mode gateway: a real
+`hydraserve serve` on a one-server cluster (one standalone worker, keep-alive of an hour), sent
+streamed OpenAI completions; the gateway and every process it started are watched. All on a
+small Llama made here, with an 8 MB KV cache (256 blocks, which the first rounds touch whole:
+its pages are committed lazily and would read as growth).
 
-Per mode it reports the first and last measured round, the growth of each figure from the end of
-the first quarter of the rounds to the last (what warm-up leaves alone), and the streams: sent,
-completed with exactly max_tokens tokens, dropped, wrong (any other ending: a stream cut or an
-error). A leak shows as descriptors, threads or segments that grow with the rounds, or memory that
-keeps growing after the first quarter. Linux only (/proc)."""
+After one warm-up round, ``--rounds`` rounds of ``--concurrency`` concurrent streams, seeded:
+prompts of 3-60 tokens and max_tokens of 8-128 (ignore_eos); a ``--drop`` share of them is
+dropped by its client after a random number of tokens. After each round, once the workers run
+nothing and every KV block is free again: each process's resident memory, open file
+descriptors and threads (from /proc), and the shared-memory segments in /dev/shm.
+
+Per mode it reports the first and last measured round, each figure's growth from the end of the
+first quarter of the rounds to the last (what warm-up leaves alone), memory's slope per round
+after the first quarter, and the streams: sent, completed with exactly max_tokens tokens,
+dropped, wrong (any other ending: a stream cut or an error). A leak: descriptors, threads or
+segments whose lowest value in the last quarter of the rounds is above their highest in the
+first (pooled connections move descriptors within a band), or a stream that ended wrong; the
+exit status is then 1. Memory is reported, not judged (caches fill up to their bounds). Linux
+only (/proc)."""
 from __future__ import annotations
 
 import argparse
@@ -38,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine  # noqa: E402
 from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
 
-MODES = ("p1", "p2", "consolidated")
+MODES = ("p1", "p2", "consolidated", "gateway")
 FIGURES = ("rss_mb", "fds", "threads")
+GATEWAY_MODEL = "soak"
 KV_CACHE_MB = 8  # 256 blocks of 16 tokens for the soak's model: 8 streams of up to 188 fit
 
 
@@ -90,6 +98,123 @@ def one_stream(url: str, prompt: list[int], max_tokens: int, drop_after: int | N
         conn.close()
 
 
+def one_completion(url: str, prompt: list[int], max_tokens: int, drop_after: int | None) -> str:
+    """`one_stream` through the gateway: a streamed /v1/completions whose usage must count
+    exactly ``max_tokens`` tokens and whose finish_reason must be length."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"model": GATEWAY_MODEL, "prompt": prompt, "max_tokens": max_tokens,
+             "ignore_eos": True, "temperature": 0, "stream": True,
+             "stream_options": {"include_usage": True}}),
+            headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return "wrong"
+        chunks, finish, used = 0, None, None
+        for line in resp:
+            if not line.startswith(b"data: {"):
+                continue
+            item = json.loads(line[6:])
+            if "error" in item:
+                return "wrong"
+            for choice in item.get("choices") or []:
+                chunks += 1
+                finish = choice.get("finish_reason") or finish
+            used = (item.get("usage") or {}).get("completion_tokens", used)
+            if drop_after is not None and chunks >= drop_after:
+                conn.sock.close()
+                return "dropped"
+        return "completed" if used == max_tokens and finish == "length" else "wrong"
+    except (OSError, http.client.HTTPException, ValueError):
+        return "wrong"
+    finally:
+        conn.close()
+
+
+class GatewayTarget:
+    """`hydraserve serve` of one model on a one-server cluster, warmed by its first request;
+    the same face as a pipeline to the rounds: ``head``, ``send``, ``wait_idle``, ``measure``."""
+
+    def __init__(self, model_dir: str, work: Path):
+        import yaml
+
+        from hydraserve.store.launch import ServerProcess
+
+        (work / "cluster.yaml").write_text(yaml.safe_dump({
+            "device": "cpu", "scale": {"size_scale": 1, "after_fetch_ms": 2000},
+            "servers": [{"name": "node0", "gpus": [24.0], "nic_gbps": 100.0, "cache_gb": 0}]}))
+        (work / "models.yaml").write_text(yaml.safe_dump({"models": [
+            {"name": GATEWAY_MODEL, "path": model_dir, "ttft_slo_s": 30}]}))
+        self.proc = ServerProcess(
+            ["serve", "--cluster", str(work / "cluster.yaml"), "--models",
+             str(work / "models.yaml"), "--port", "0", "--keep-alive", "3600",
+             "--exec-type", "hydraserve_with_single_worker", "--kv-cache-mb", str(KV_CACHE_MB),
+             "--log-dir", str(work / "logs")], work / "serve.log", timeout=60)
+        self.head = self.proc.url
+        self.send = one_completion
+
+    def _get(self, url: str, path: str) -> dict:
+        from hydraserve.httpjson import call
+
+        return call(url, "GET", path)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._get(self.head, "/admin/instances")
+            busy = [(i["id"], i["active"]) for i in status["instances"] if i["active"]]
+            busy += [(m, v["queued"]) for m, v in status["models"].items() if v["queued"]]
+            for inst in status["instances"]:
+                for st in inst["stages"]:
+                    h = self._get(st["url"], "/health")
+                    if h["running"] or h["waiting"] or h["kv_blocks_free"] != h["kv_blocks"]:
+                        busy.append((st["worker"], h["running"], h["kv_blocks_free"]))
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"still busy {timeout:.0f} s after a round: {busy}")
+            time.sleep(0.05)
+
+    def processes(self) -> dict[str, int]:
+        """The gateway and every process under it, by role (the second word of its command
+        line: store, agent, worker, ...) and pid."""
+        procs = {"gateway": self.proc.proc.pid}
+        parents = {self.proc.proc.pid}
+        for _ in range(3):  # children, grandchildren, ...
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit() or int(d.name) in procs.values():
+                    continue
+                try:
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    argv = (d / "cmdline").read_bytes().split(b"\0")
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid in parents:
+                    procs[f"{_role(argv)}:{d.name}"] = int(d.name)
+                    parents.add(int(d.name))
+        return procs
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def _role(argv: list[bytes]) -> str:
+    """A process's role from its command line: `python -m hydraserve.cli worker ...` -> worker,
+    `... store agent ...` -> agent, `... store serve ...` -> store; multiprocessing's resource
+    tracker (python ... -c ...) -> resource_tracker."""
+    args = [a.decode(errors="replace") for a in argv[1:] if a]
+    if "-c" in args:
+        return "resource_tracker" if "resource_tracker" in " ".join(args) else "python-c"
+    if "-m" in args:
+        args = args[args.index("-m") + 2:]
+    words = [a for a in args if not a.startswith("-")][:2]
+    if words[:1] == ["store"]:
+        return "agent" if words[1:] == ["agent"] else "store"
+    return words[0] if words else "process"
+
+
 def _wait_idle(pipe, timeout: float = 30.0) -> None:
     """Until every live worker runs nothing and holds no KV block (a dropped stream's abort
     and its blocks' release included)."""
@@ -110,11 +235,15 @@ def _wait_idle(pipe, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def _measure(pipe, samples: int = 3) -> dict:
-    """Each live process's figures, the least of ``samples`` readings 50 ms apart (a connection
-    of the idle check may still be closing at the first)."""
+def _pipeline_processes(pipe) -> dict[str, int]:
     procs = {f"worker{r}": w.proc.pid for r, w in enumerate(pipe.workers) if w.proc.poll() is None}
     procs.update({f"agent{r}": a.proc.pid for r, a in enumerate(pipe.agents)})
+    return procs
+
+
+def _measure(procs: dict[str, int], samples: int = 3) -> dict:
+    """Each process's figures, the least of ``samples`` readings 50 ms apart (a connection of
+    the idle check may still be closing at the first)."""
     readings = []
     for i in range(samples):
         if i:
@@ -137,46 +266,89 @@ def _growth(rounds: list[dict]) -> dict:
     return growth
 
 
-def soak_mode(mode: str, model_dir: str, args: argparse.Namespace) -> dict:
-    from hydraserve.cluster.pipeline import GroupConfig, LocalPipeline
-    from hydraserve.engine.config import EngineConfig
+def _bands(rounds: list[dict]) -> dict:
+    """For each count that must not grow (descriptors, threads, segments): its highest value
+    in the first quarter of the rounds and its lowest in the last quarter. Pooled connections
+    make descriptors move within a band; a leak lifts the last quarter above the first."""
+    q = max(1, len(rounds) // 4)
+    first, last = rounds[:q], rounds[-q:]
+    bands = {"shm_segments": [max(r["shm_segments"] for r in first),
+                              min(r["shm_segments"] for r in last)]}
+    for name in rounds[-1]:
+        if isinstance(rounds[-1][name], dict) and all(name in r for r in rounds):
+            bands[name] = {f: [max(r[name][f] for r in first), min(r[name][f] for r in last)]
+                           for f in ("fds", "threads")}
+    return bands
 
-    # a KV cache the first rounds touch whole: its pages are committed as blocks are first
-    # written (torch.zeros maps them lazily), which would read as growth
-    kw = dict(threads_per_worker=1, engine=EngineConfig(kv_cache_mb=KV_CACHE_MB))
-    cfg = {"p1": GroupConfig(model_dir, p=1, **kw), "p2": GroupConfig(model_dir, p=2, **kw),
-           "consolidated": GroupConfig(model_dir, p=3, all_card=(0,), **kw)}[mode]
+
+class PipelineTarget:
+    """A `LocalPipeline` in one worker mode, warmed (and consolidated) before the rounds."""
+
+    def __init__(self, mode: str, model_dir: str):
+        from hydraserve.cluster.pipeline import GroupConfig, LocalPipeline
+        from hydraserve.engine.config import EngineConfig
+
+        # a KV cache the first rounds touch whole: its pages are committed as blocks are first
+        # written (torch.zeros maps them lazily), which would read as growth
+        kw = dict(threads_per_worker=1, engine=EngineConfig(kv_cache_mb=KV_CACHE_MB))
+        cfg = {"p1": GroupConfig(model_dir, p=1, **kw), "p2": GroupConfig(model_dir, p=2, **kw),
+               "consolidated": GroupConfig(model_dir, p=3, all_card=(0,), **kw)}[mode]
+        self.pipe = LocalPipeline(cfg).__enter__()
+        try:
+            list(self.pipe.generate([1, 2, 3], max_tokens=2, ignore_eos=True))
+            if mode == "consolidated":
+                self.pipe.consolidate()
+                deadline = time.monotonic() + 60
+                while not self.pipe.health(0)["standalone"]:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the head did not consolidate in 60 s")
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        self.head = self.pipe.head
+        self.send = one_stream
+
+    def wait_idle(self) -> None:
+        _wait_idle(self.pipe)
+
+    def processes(self) -> dict[str, int]:
+        return _pipeline_processes(self.pipe)
+
+    def stop(self) -> None:
+        self.pipe.stop()
+
+
+def soak_mode(mode: str, model_dir: str, args: argparse.Namespace, work: Path) -> dict:
     rng = random.Random(f"{args.seed}-{mode}")
     counts = {"sent": 0, "completed": 0, "dropped": 0, "wrong": 0}
     rounds: list[dict] = []
     t0 = time.monotonic()
-    with LocalPipeline(cfg) as pipe, ThreadPoolExecutor(args.concurrency) as pool:
-        list(pipe.generate([1, 2, 3], max_tokens=2, ignore_eos=True))
-        if mode == "consolidated":
-            pipe.consolidate()
-            deadline = time.monotonic() + 60
-            while not pipe.health(0)["standalone"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the head did not consolidate in 60 s")
-                time.sleep(0.05)
-        for r in range(args.rounds + 1):  # round 0 warms up and is not measured
-            jobs = []
-            for _ in range(args.concurrency):
-                n = rng.randint(8, 128)
-                prompt = [rng.randrange(3, 1000) for _ in range(rng.randint(3, 60))]
-                drop = rng.randint(1, n - 1) if rng.random() < args.drop else None
-                jobs.append(pool.submit(one_stream, pipe.head, prompt, n, drop))
-            results = [j.result() for j in jobs]
-            _wait_idle(pipe)
-            if r == 0:
-                continue
-            counts["sent"] += len(results)
-            for res in results:
-                counts[res] += 1
-            rounds.append(_measure(pipe))
+    target = GatewayTarget(model_dir, work) if mode == "gateway" else \
+        PipelineTarget(mode, model_dir)
+    try:
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            for r in range(args.rounds + 1):  # round 0 warms up and is not measured
+                jobs = []
+                for _ in range(args.concurrency):
+                    n = rng.randint(8, 128)
+                    prompt = [rng.randrange(3, 1000) for _ in range(rng.randint(3, 60))]
+                    drop = rng.randint(1, n - 1) if rng.random() < args.drop else None
+                    jobs.append(pool.submit(target.send, target.head, prompt, n, drop))
+                results = [j.result() for j in jobs]
+                target.wait_idle()
+                if r == 0:
+                    continue
+                counts["sent"] += len(results)
+                for res in results:
+                    counts[res] += 1
+                rounds.append(_measure(target.processes()))
+    finally:
+        target.stop()
     return {"mode": mode, "rounds": args.rounds, "concurrency": args.concurrency,
             "seconds": round(time.monotonic() - t0, 1), "streams": counts,
             "first": rounds[0], "last": rounds[-1], "growth": _growth(rounds),
+            "bands": _bands(rounds),
             "rss_mb_per_round_after_warmup": {
                 name: round(_slope([rd[name]["rss_mb"] for rd in rounds[len(rounds) // 4:]]), 3)
                 for name in rounds[-1] if isinstance(rounds[-1][name], dict)}}
@@ -192,19 +364,20 @@ def _slope(ys: list[float]) -> float:
 
 
 def leaks(result: dict) -> list[str]:
-    """What grew that should not have: descriptors, threads or shared-memory segments, or a
-    stream that ended wrong."""
+    """What grew that should not have -- descriptors, threads or shared-memory segments whose
+    lowest value in the last quarter of the rounds is above their highest in the first -- and
+    streams that ended wrong."""
     out = []
     if result["streams"]["wrong"]:
         out.append(f"{result['streams']['wrong']} stream(s) ended wrong")
-    g = result["growth"]
-    if g["shm_segments"] > 0:
-        out.append(f"{g['shm_segments']} more shared-memory segment(s)")
-    for name, figs in g.items():
-        if isinstance(figs, dict):
-            for f in ("fds", "threads"):
-                if figs[f] > 0:
-                    out.append(f"{name}: {figs[f]:+g} {f}")
+    for name, band in result["bands"].items():
+        if name == "shm_segments":
+            if band[1] > band[0]:
+                out.append(f"shared-memory segments: {band[0]} -> {band[1]}")
+            continue
+        for f, (early, late) in band.items():
+            if late > early:
+                out.append(f"{name}: {f} {early} -> {late}")
     return out
 
 
@@ -228,7 +401,9 @@ def main() -> int:
         model = str(make_model(Path(tmp) / "m", ModelSpec(arch="llama", hidden=128, layers=4,
                                                           vocab=1024, seed=3)))
         for mode in modes:
-            res = soak_mode(mode, model, args)
+            work = Path(tmp) / mode
+            work.mkdir()
+            res = soak_mode(mode, model, args, work)
             res["leaks"] = leaks(res)
             out["modes"][mode] = res
             s = res["streams"]
