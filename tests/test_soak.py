@@ -24,17 +24,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def test_leaks_names_what_grew():
-    """The check can fail: descriptors, threads or segments whose last quarter of the rounds
-    sits above their first, or a stream that ended wrong; a count moving within its band
-    (pooled connections) is no leak, and memory alone is reported, not judged."""
-    clean = {"streams": {"wrong": 0}, "bands": {
-        "shm_segments": [0, 0], "worker0": {"fds": [14, 12], "threads": [6, 6]}}}
+    """The check can fail: threads or segments whose last quarter of the rounds sits above
+    their first, descriptors by more than the pooled connections (one per concurrent stream),
+    or a stream that ended wrong; counts moving within that band are no leak (a CI run saw the
+    gateway and its worker each hold one more pooled connection at the end: 19 -> 20, 10 -> 11),
+    and memory alone is reported, not judged."""
+    clean = {"streams": {"wrong": 0}, "concurrency": 4, "bands": {
+        "shm_segments": [0, 0], "gateway": {"fds": [19, 20], "threads": [4, 4]},
+        "worker0": {"fds": [10, 14], "threads": [6, 6]}}}
     assert leaks(clean) == []
-    grown = {"streams": {"wrong": 2}, "bands": {
-        "shm_segments": [0, 1], "worker0": {"fds": [12, 24], "threads": [6, 6]},
+    grown = {"streams": {"wrong": 2}, "concurrency": 4, "bands": {
+        "shm_segments": [0, 1], "worker0": {"fds": [12, 17], "threads": [6, 6]},
         "agent:41": {"fds": [9, 9], "threads": [3, 4]}}}
     assert leaks(grown) == ["2 stream(s) ended wrong", "shared-memory segments: 0 -> 1",
-                            "worker0: fds 12 -> 24", "agent:41: threads 3 -> 4"]
+                            "worker0: fds 12 -> 17", "agent:41: threads 3 -> 4"]
 
 
 def test_roles_are_read_from_command_lines():
