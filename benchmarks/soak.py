@@ -38,11 +38,13 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine  # noqa: E402
+from hydraserve.httpjson import call  # noqa: E402
 from hydraserve.make_model import ModelSpec, make_model  # noqa: E402
 
 MODES = ("p1", "p2", "consolidated", "gateway")
@@ -67,75 +69,77 @@ def _shm_segments() -> int:
         return 0
 
 
-def one_stream(url: str, prompt: list[int], max_tokens: int, drop_after: int | None) -> str:
-    """One /generate stream on its own connection: "completed" (exactly ``max_tokens`` tokens,
-    finish_reason length), "dropped" (closed by us after ``drop_after`` tokens), else "wrong"."""
+def _stream(url: str, path: str, body: dict, max_tokens: int, drop_after: int | None) -> str:
+    """One stream on its own connection: "completed" (exactly ``max_tokens`` tokens -- the
+    usage's count where the stream reports one -- and finish_reason length), "dropped" (closed
+    by us after ``drop_after`` tokens), else "wrong". Reads /generate's JSON lines and the
+    OpenAI server-sent events alike (a completion's choices; a /generate item is its own)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     try:
-        conn.request("POST", "/generate", body=json.dumps(
-            {"prompt_ids": prompt, "max_tokens": max_tokens, "ignore_eos": True}),
-            headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             return "wrong"
-        tokens, finish = 0, None
+        tokens, finish, used = 0, None, None
         for line in resp:
-            if not line.strip():
+            line = line.strip().removeprefix(b"data: ")
+            if not line.startswith(b"{"):  # blank lines, heartbeats, [DONE]
                 continue
             item = json.loads(line)
             if "error" in item:
                 return "wrong"
-            tokens += item.get("token_id") is not None
-            finish = item.get("finish_reason") or finish
+            for choice in item.get("choices", [item]):
+                tokens += choice.get("token_id") is not None or "text" in choice
+                finish = choice.get("finish_reason") or finish
+            used = (item.get("usage") or {}).get("completion_tokens", used)
             if drop_after is not None and tokens >= drop_after:
                 conn.sock.close()  # the client goes away mid-stream
                 return "dropped"
-        return "completed" if tokens == max_tokens and finish == "length" else "wrong"
+        counted = tokens if used is None else used
+        return "completed" if counted == max_tokens and finish == "length" else "wrong"
     except (OSError, http.client.HTTPException, ValueError):
         return "wrong"
     finally:
         conn.close()
+
+
+def one_stream(url: str, prompt: list[int], max_tokens: int, drop_after: int | None) -> str:
+    """A /generate stream straight to a worker (`_stream`)."""
+    return _stream(url, "/generate", {"prompt_ids": prompt, "max_tokens": max_tokens,
+                                      "ignore_eos": True}, max_tokens, drop_after)
 
 
 def one_completion(url: str, prompt: list[int], max_tokens: int, drop_after: int | None) -> str:
-    """`one_stream` through the gateway: a streamed /v1/completions whose usage must count
-    exactly ``max_tokens`` tokens and whose finish_reason must be length."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    try:
-        conn.request("POST", "/v1/completions", body=json.dumps(
-            {"model": GATEWAY_MODEL, "prompt": prompt, "max_tokens": max_tokens,
-             "ignore_eos": True, "temperature": 0, "stream": True,
-             "stream_options": {"include_usage": True}}),
-            headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return "wrong"
-        chunks, finish, used = 0, None, None
-        for line in resp:
-            if not line.startswith(b"data: {"):
-                continue
-            item = json.loads(line[6:])
-            if "error" in item:
-                return "wrong"
-            for choice in item.get("choices") or []:
-                chunks += 1
-                finish = choice.get("finish_reason") or finish
-            used = (item.get("usage") or {}).get("completion_tokens", used)
-            if drop_after is not None and chunks >= drop_after:
-                conn.sock.close()
-                return "dropped"
-        return "completed" if used == max_tokens and finish == "length" else "wrong"
-    except (OSError, http.client.HTTPException, ValueError):
-        return "wrong"
-    finally:
-        conn.close()
+    """A streamed /v1/completions through the gateway (`_stream`), with its usage."""
+    return _stream(url, "/v1/completions", {
+        "model": GATEWAY_MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+        max_tokens, drop_after)
+
+
+def _worker_busy(h: dict) -> bool:
+    """A worker's /health says it runs or holds something (a stage without a scheduler
+    reports no free-block count)."""
+    free = h.get("kv_blocks_free")
+    return bool(h["running"] or h["waiting"] or (free is not None and free != h["kv_blocks"]))
+
+
+def _until_idle(busy: Callable[[], list], timeout: float = 30.0) -> None:
+    """Until ``busy()`` lists nothing: every worker runs nothing and holds no KV block (a
+    dropped stream's abort and its blocks' release included)."""
+    deadline = time.monotonic() + timeout
+    while found := busy():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"still busy {timeout:.0f} s after a round: {found}")
+        time.sleep(0.02)
 
 
 class GatewayTarget:
     """`hydraserve serve` of one model on a one-server cluster, warmed by its first request;
-    the same face as a pipeline to the rounds: ``head``, ``send``, ``wait_idle``, ``measure``."""
+    the same face as `PipelineTarget` to the rounds: ``head``, ``send``, ``wait_idle``,
+    ``processes``, ``stop``."""
 
     def __init__(self, model_dir: str, work: Path):
         import yaml
@@ -155,27 +159,18 @@ class GatewayTarget:
         self.head = self.proc.url
         self.send = one_completion
 
-    def _get(self, url: str, path: str) -> dict:
-        from hydraserve.httpjson import call
+    def _busy(self) -> list:
+        status = call(self.head, "GET", "/admin/instances")
+        busy = [(i["id"], i["active"]) for i in status["instances"] if i["active"]]
+        busy += [(m, v["queued"]) for m, v in status["models"].items() if v["queued"]]
+        for inst in status["instances"]:
+            for st in inst["stages"]:
+                if _worker_busy(h := call(st["url"], "GET", "/health")):
+                    busy.append((st["worker"], h["running"], h["kv_blocks_free"]))
+        return busy
 
-        return call(url, "GET", path)
-
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self._get(self.head, "/admin/instances")
-            busy = [(i["id"], i["active"]) for i in status["instances"] if i["active"]]
-            busy += [(m, v["queued"]) for m, v in status["models"].items() if v["queued"]]
-            for inst in status["instances"]:
-                for st in inst["stages"]:
-                    h = self._get(st["url"], "/health")
-                    if h["running"] or h["waiting"] or h["kv_blocks_free"] != h["kv_blocks"]:
-                        busy.append((st["worker"], h["running"], h["kv_blocks_free"]))
-            if not busy:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"still busy {timeout:.0f} s after a round: {busy}")
-            time.sleep(0.05)
+    def wait_idle(self) -> None:
+        _until_idle(self._busy)
 
     def processes(self) -> dict[str, int]:
         """The gateway and every process under it, by role (the second word of its command
@@ -213,32 +208,6 @@ def _role(argv: list[bytes]) -> str:
     if words[:1] == ["store"]:
         return "agent" if words[1:] == ["agent"] else "store"
     return words[0] if words else "process"
-
-
-def _wait_idle(pipe, timeout: float = 30.0) -> None:
-    """Until every live worker runs nothing and holds no KV block (a dropped stream's abort
-    and its blocks' release included)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        busy = []
-        for rank, w in enumerate(pipe.workers):
-            if w.proc.poll() is not None:
-                continue
-            h = pipe.health(rank)
-            free = h.get("kv_blocks_free")
-            if h["running"] or h["waiting"] or (free is not None and free != h["kv_blocks"]):
-                busy.append((rank, h["running"], h["waiting"], free, h["kv_blocks"]))
-        if not busy:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"workers still busy {timeout:.0f} s after a round: {busy}")
-        time.sleep(0.02)
-
-
-def _pipeline_processes(pipe) -> dict[str, int]:
-    procs = {f"worker{r}": w.proc.pid for r, w in enumerate(pipe.workers) if w.proc.poll() is None}
-    procs.update({f"agent{r}": a.proc.pid for r, a in enumerate(pipe.agents)})
-    return procs
 
 
 def _measure(procs: dict[str, int], samples: int = 3) -> dict:
@@ -309,11 +278,19 @@ class PipelineTarget:
         self.head = self.pipe.head
         self.send = one_stream
 
+    def _busy(self) -> list:
+        return [(rank, h["running"], h["waiting"], h.get("kv_blocks_free"))
+                for rank, w in enumerate(self.pipe.workers) if w.proc.poll() is None
+                if _worker_busy(h := self.pipe.health(rank))]
+
     def wait_idle(self) -> None:
-        _wait_idle(self.pipe)
+        _until_idle(self._busy)
 
     def processes(self) -> dict[str, int]:
-        return _pipeline_processes(self.pipe)
+        procs = {f"worker{r}": w.proc.pid for r, w in enumerate(self.pipe.workers)
+                 if w.proc.poll() is None}
+        procs.update({f"agent{r}": a.proc.pid for r, a in enumerate(self.pipe.agents)})
+        return procs
 
     def stop(self) -> None:
         self.pipe.stop()
