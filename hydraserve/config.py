@@ -98,6 +98,9 @@ class ClusterConfig:
     # pre-started worker runtimes kept per server (a platform feature, not the paper's; each
     # holds a process with torch imported: host memory, and on CUDA a context on the GPU)
     warm_runtimes: int = 0
+    # seconds a process the control plane started (store, agents, workers, runtimes) outlives
+    # its control plane's last lease renewal before it exits by itself (hydraserve.lease)
+    orphan_grace_s: float = 60.0
 
     def with_host_cache(self, enabled: bool) -> "ClusterConfig":
         """This cluster with the servers' host-memory model caches on, or all set to 0 (an

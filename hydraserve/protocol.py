@@ -72,7 +72,11 @@ EVENTS = ("spawned", "attached", "imports_done", "http_ready", "connected", "wei
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a backend needs to start one ``hydraserve worker``."""
+    """Everything a backend needs to start one ``hydraserve worker``; a worker reports it back
+    in its health, so a control plane that starts (a restart, a standby taking over) rebuilds
+    its instances and its GPU ledger from what runs: ``instance`` (the instance it was started
+    for), ``node`` and ``gpu`` (where), ``claim_gb`` (the GPU memory booked for it, in the
+    cluster's GB)."""
 
     worker_id: str
     model: str
@@ -82,6 +86,9 @@ class WorkerSpec:
     layers: tuple[int, int]
     all_card: bool
     num_kv_blocks: int
+    instance: str = ""
+    gpu: int = 0
+    claim_gb: float = 0.0
     device: str = "cpu"
     dtype: str = "float32"
     max_model_len: int = 3072
@@ -122,7 +129,9 @@ def worker_args(spec: WorkerSpec, agent_url: str) -> list[str]:
     """The ``hydraserve worker`` command line for ``spec`` (every backend starts the same)."""
     args = ["worker", "--model", spec.model, "--rank", str(spec.rank), "--pipeline", str(spec.p),
             "--layers", "%d:%d" % spec.layers, "--agent", agent_url, "--worker-id",
-            spec.worker_id, "--num-kv-blocks", str(spec.num_kv_blocks), "--device", spec.device,
+            spec.worker_id, "--node", spec.node, "--instance", spec.instance, "--gpu",
+            str(spec.gpu), "--claim-gb", repr(spec.claim_gb),
+            "--num-kv-blocks", str(spec.num_kv_blocks), "--device", spec.device,
             "--dtype", spec.dtype, "--block-size", str(spec.block_size), "--max-num-seqs",
             str(spec.max_num_seqs), "--max-model-len", str(spec.max_model_len)]
     if spec.all_card:
@@ -199,6 +208,7 @@ class WorkerHealth:
     stage_port: int = 0
     standalone: bool = False
     timeline: dict[str, float] = field(default_factory=dict)
+    spec: WorkerSpec | None = None  # what it was started as (None: an older worker)
     running: int = 0  # sequences in the engine
     waiting: int = 0
     steps: int = 0  # engine steps launched
@@ -225,6 +235,7 @@ class WorkerHealth:
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
         out["phase"] = self.phase.value
         out["timeline"] = dict(self.timeline)
+        out["spec"] = None if self.spec is None else self.spec.to_json()
         out["protocol"] = PROTOCOL_VERSION
         return out
 
@@ -236,6 +247,8 @@ class WorkerHealth:
             kw["phase"] = Phase(kw["phase"])
         except ValueError:
             raise ProtocolError(f"unknown worker phase {kw['phase']!r}") from None
+        if kw.get("spec") is not None:
+            kw["spec"] = WorkerSpec.from_json(kw["spec"])
         names = {f.name for f in fields(cls)}
         kw["extra"] = {k: v for k, v in d.items() if k not in names and k != "protocol"}
         return cls(**kw)

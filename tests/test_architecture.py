@@ -16,7 +16,7 @@ PACKAGE = ROOT / "hydraserve"
 # Low -> high: a module may import its own package or top-level module, a lower layer, or a peer
 # in its layer (except FORBIDDEN_PEERS). "__init__" is the package itself (its version only).
 LAYERS = [
-    ("__init__", "protocol", "httpjson"),
+    ("__init__", "protocol", "httpjson", "lease"),
     ("config",),
     ("store",),
     ("engine",),

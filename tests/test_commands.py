@@ -71,7 +71,7 @@ def test_build_backend_kubernetes_connects_at_build(tmp_path):
 
 def test_worker_flags_are_a_worker_spec():
     args = build_parser().parse_args(worker_args(SPEC, "http://agent:1"))
-    assert spec_from_args(args) == WorkerSpec(**{**SPEC.__dict__, "node": ""})
+    assert spec_from_args(args) == SPEC  # all of it: a worker reports it back in /health
     assert args.agent == "http://agent:1"
     no_id = build_parser().parse_args(["worker", "--model", "m", "--rank", "3", "--layers",
                                        "0:1", "--agent", "a", "--num-kv-blocks", "4"])

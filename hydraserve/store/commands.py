@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from hydraserve import lease
+
 log = logging.getLogger("hydraserve")
 
 
@@ -36,6 +38,10 @@ def _add_serve(ssub: argparse._SubParsersAction) -> None:
     _bind_arguments(s)
     s.add_argument("--egress-gbps", type=float, default=None,
                    help="total egress limit shared fairly by all connections (default: none)")
+    lease.add_arguments(s, "store")
+    s.add_argument("--orphan-cleanup", default=None, metavar="DIR",
+                   help="with a lease: the folder of the cluster it belongs to, removed when it "
+                        "exits as an orphan (nothing is left behind); default: none")
     s.set_defaults(func=_cmd_serve)
 
 
@@ -60,6 +66,7 @@ def _add_agent(ssub: argparse._SubParsersAction) -> None:
                         "to the streams in order; on an unlimited NIC the image is cut into "
                         "equal chunks, as many as a multiple of --streams; on a limited NIC a "
                         "chunk is ~40 ms of its rate, at least 1 MiB (default: 64)")
+    lease.add_arguments(a, "agent")
     a.set_defaults(func=_cmd_agent)
 
 
@@ -72,8 +79,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     store = ModelStore(args.root)
     log.info("store: %d model(s) under %s: %s; egress %s Gbps", len(store.names()), args.root,
              ", ".join(store.names()) or "-", args.egress_gbps or "unlimited")
-    asyncio.run(serve(make_app(store, args.egress_gbps), args.host, args.port, "hydraserve store",
-                      token=args.cluster_token))
+    orphaned = asyncio.run(serve(make_app(store, args.egress_gbps), args.host, args.port,
+                                 "hydraserve store", token=args.cluster_token,
+                                 lease=lease.from_args(args)))
+    if orphaned and args.orphan_cleanup:
+        import shutil
+
+        shutil.rmtree(args.orphan_cleanup, ignore_errors=True)
+        log.info("store: removed the orphaned cluster's folder %s", args.orphan_cleanup)
     return 0
 
 
@@ -89,5 +102,5 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     log.info("agent %s: remote %s, NIC %s Gbps, cache %.1f GB", args.node, args.remote,
              args.nic_gbps or "unlimited", args.cache_gb)
     asyncio.run(serve(make_app(cfg), args.host, args.port, f"hydraserve agent {args.node}",
-                      token=args.cluster_token))
+                      token=args.cluster_token, lease=lease.from_args(args)))
     return 0

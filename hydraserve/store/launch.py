@@ -72,3 +72,67 @@ class ServerProcess:
                     pass
         self._log.close()
         return self.proc.returncode
+
+
+class _Pid:
+    """The part of a ``subprocess.Popen`` the cluster uses, for a process this one did not
+    start (it was started by a control plane before this one): signals, a liveness poll read
+    from /proc, and a wait."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdout = self.stdin = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not pid_alive(self.pid):
+            self.returncode = -1  # not our child: its real status went to its parent
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+class AdoptedProcess(ServerProcess):
+    """A ``hydraserve`` server started by an earlier control plane, found alive at ``url``: it
+    is stopped, polled and signalled like one this process started."""
+
+    def __init__(self, pid: int, url: str | None, args: list[str], log_path: str | Path):
+        self.args, self.log_path, self.url = args, Path(log_path), url
+        self.proc = _Pid(pid)
+        self._log = open(os.devnull, "w")  # its log is the file its first control plane opened
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        if self.url is None:
+            raise RuntimeError(f"pid {self.proc.pid} never announced its URL")
+        return self.url
+
+
+def pid_alive(pid: int, marker: str | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, with ``marker``, whether its command line holds
+    it (a pid reused by another program is not ours)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        if marker is not None:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return marker.encode() in f.read().replace(b"\0", b" ")
+    except (OSError, IndexError):
+        return False
+    return True

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import signal
 import threading
 
 from aiohttp import web
+
+from hydraserve.lease import CHECK_EVERY_S, Lease
+
+log = logging.getLogger("hydraserve")
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -34,12 +39,20 @@ def require_token(app: web.Application, token: str | None) -> None:
 
 async def serve(app: web.Application, host: str, port: int, what: str,
                 stop: asyncio.Event | None = None, extra: str = "",
-                token: str | None = None, cancel_on_disconnect: bool = False) -> None:
-    """Run until SIGINT/SIGTERM or until ``stop`` is set; with ``token``, see require_token.
-    ``cancel_on_disconnect``: a handler is cancelled the moment its client closes the
-    connection (a streaming handler then stops the work behind it without waiting to fail a
-    write)."""
+                token: str | None = None, cancel_on_disconnect: bool = False,
+                lease: Lease | None = None) -> bool:
+    """Run until SIGINT/SIGTERM, until ``stop`` is set, or until ``lease`` lapses (its control
+    plane is gone: see `hydraserve.lease`; without a lease file, ``POST /lease`` renews it);
+    with ``token``, see require_token. ``cancel_on_disconnect``: a handler is cancelled the
+    moment its client closes the connection (a streaming handler then stops the work behind it
+    without waiting to fail a write). Returns whether it left because its lease lapsed."""
     require_token(app, token)
+    if lease is not None and lease.path is None:
+        async def renew(_: web.Request) -> web.Response:
+            lease.renew()
+            return web.json_response({"renewed": True, "grace": lease.grace})
+
+        app.router.add_post("/lease", renew)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_on_disconnect)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -50,13 +63,29 @@ async def serve(app: web.Application, host: str, port: int, what: str,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    orphaned = asyncio.Event()
+    watch = asyncio.create_task(_watch_lease(lease, what, stop, orphaned)) if lease else None
     try:
         await stop.wait()
     finally:
+        if watch is not None:
+            watch.cancel()
         try:
             await runner.cleanup()
         finally:
             quiet_exit(loop)
+    return orphaned.is_set()
+
+
+async def _watch_lease(lease: Lease, what: str, stop: asyncio.Event,
+                       orphaned: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(CHECK_EVERY_S)
+        if lease.lapsed():
+            log.warning("%s: its control plane has not renewed its lease for %.0f s (grace "
+                        "%g s): exiting as an orphan", what, lease.age(), lease.grace)
+            orphaned.set()
+            stop.set()
 
 
 def quiet_exit(loop: asyncio.AbstractEventLoop) -> None:
@@ -73,9 +102,10 @@ def quiet_exit(loop: asyncio.AbstractEventLoop) -> None:
 
 def run_until(app: web.Application, host: str, port: int, what: str,
               exit_requested: threading.Event, extra: str = "", token: str | None = None,
-              cancel_on_disconnect: bool = False) -> None:
-    """Serve ``app`` (blocking) until SIGINT/SIGTERM or until another thread sets
-    ``exit_requested``; on the way out the event is set, so the thread watching it ends too."""
+              cancel_on_disconnect: bool = False, lease: Lease | None = None) -> None:
+    """Serve ``app`` (blocking) until SIGINT/SIGTERM, until another thread sets
+    ``exit_requested`` or until ``lease`` lapses; on the way out the event is set, so the
+    thread watching it ends too."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -83,7 +113,7 @@ def run_until(app: web.Application, host: str, port: int, what: str,
         loop.run_in_executor(None, lambda: (exit_requested.wait(),
                                             loop.call_soon_threadsafe(stop.set)))
         try:
-            await serve(app, host, port, what, stop, extra, token, cancel_on_disconnect)
+            await serve(app, host, port, what, stop, extra, token, cancel_on_disconnect, lease)
         finally:
             exit_requested.set()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from hydraserve import lease
 from hydraserve.protocol import WorkerSpec
 from hydraserve.worker.main import START, WorkerSetup
 
@@ -32,6 +33,7 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
     _add_engine_arguments(p)
     _add_vllm_arguments(p)
     p.add_argument("--omp-spin-count", type=int, default=20000, help=OMP_SPIN_HELP)
+    lease.add_arguments(p, "worker")
     p.set_defaults(func=_cmd_worker)
 
 
@@ -46,6 +48,13 @@ def _add_stage_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for the whole model is reserved: this stage can consolidate")
     p.add_argument("--agent", required=True, help="URL of this node's storage agent")
     p.add_argument("--worker-id", default=None, help="name for logs (default: MODEL-rRANK)")
+    p.add_argument("--node", default="", help="the server it runs on (reported in /health)")
+    p.add_argument("--instance", default="",
+                   help="the instance it serves a stage of (reported in /health)")
+    p.add_argument("--gpu", type=int, default=0, help="the GPU index of its claim (default: 0)")
+    p.add_argument("--claim-gb", type=float, default=0.0,
+                   help="the GPU memory its control plane booked for it, in the cluster's GB "
+                        "(reported in /health, so a new control plane rebuilds its ledger)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="control API port; 0 = free (default)")
     p.add_argument("--stage-port", type=int, default=0,
@@ -108,7 +117,7 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
         raise ValueError(f"--layers must be START:END, not {args.layers!r}") from None
     return WorkerSpec(
         worker_id=args.worker_id or f"{args.model}-r{args.rank}", model=args.model,
-        node="",  # where it runs is the backend's business; the worker never needs it
+        node=args.node, instance=args.instance, gpu=args.gpu, claim_gb=args.claim_gb,
         rank=args.rank, p=args.p, layers=(start, end), all_card=args.all_card,
         num_kv_blocks=args.num_kv_blocks, device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, block_size=args.block_size,
@@ -121,7 +130,7 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
 def setup_from_args(args: argparse.Namespace) -> WorkerSetup:
     return WorkerSetup(agent=args.agent, host=args.host, port=args.port,
                        stage_port=args.stage_port, omp_spin_count=args.omp_spin_count,
-                       token=args.cluster_token)
+                       token=args.cluster_token, lease=lease.from_args(args))
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -150,10 +159,12 @@ def add_runtime_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-imports", action="store_true",
                    help="import at the idle CPU priority (Linux SCHED_IDLE), so that a refill "
                         "never slows a cold start in progress; back to normal before waiting")
+    lease.add_arguments(p, "runtime (and the worker it becomes)")
     p.set_defaults(func=_cmd_runtime)
 
 
 def _cmd_runtime(args: argparse.Namespace) -> int:
     from hydraserve.worker.main import run_runtime
 
-    return run_runtime(args.device, args.omp_spin_count, args.idle_imports, args.cluster_token)
+    return run_runtime(args.device, args.omp_spin_count, args.idle_imports, args.cluster_token,
+                       lease.from_args(args))

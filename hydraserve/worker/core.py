@@ -30,7 +30,8 @@ from hydraserve.engine.sampler import pick
 from hydraserve.engine.scheduler import Scheduler
 from hydraserve.engine.sequence import SamplingParams
 from hydraserve.engine.stream_load import iter_region, region_model_config
-from hydraserve.protocol import HANDOVER, ErrorEvent, Peer, Phase, TokenEvent, WorkerHealth
+from hydraserve.protocol import (HANDOVER, ErrorEvent, Peer, Phase, TokenEvent, WorkerHealth,
+                                 WorkerSpec)
 from hydraserve.store.layout import StageSpec
 from hydraserve.store.progressive import ProgressiveRegion
 from hydraserve.worker.consolidation import Consolidation
@@ -58,6 +59,7 @@ class WorkerConfig:
     streaming_load: bool = True  # False: wait for every byte, then load (a baseline)
     token: str | None = None  # the cluster token, sent with the calls to the agent
     emulation: GpuEmulation = GpuEmulation()  # a stock engine's GPU costs (none by default)
+    started_as: WorkerSpec | None = None  # reported in /health: what a new control plane adopts
 
 
 class Worker(Consolidation):
@@ -428,7 +430,7 @@ class Worker(Consolidation):
         r, s = self.runner, self.scheduler
         return WorkerHealth(
             self.state, self.cfg.worker_id, self.error, self.stage_port, self.standalone,
-            self.timeline.as_dict(), running=len(s.running) if s else 0,
+            self.timeline.as_dict(), spec=self.cfg.started_as, running=len(s.running) if s else 0,
             waiting=len(s.waiting) if s else 0, steps=self.steps, aborted=self.aborted,
             kv_blocks=self.cfg.engine.num_kv_blocks,
             kv_blocks_free=s.allocator.num_free if s else None,

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hydraserve.lease import Lease
 from hydraserve.protocol import RUNTIME_READY, RuntimeAssignment, WorkerSpec
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class WorkerSetup:
     stage_port: int = 0  # the previous stage's connection; 0: a free one
     omp_spin_count: int = 20000  # GOMP_SPINCOUNT before torch loads; -1: the runtime's default
     token: str | None = None  # the cluster token: checked on the control API, sent to the agent
+    lease: Lease | None = None  # exit once the control plane stops renewing it (hydraserve.lease)
 
 
 def _set_omp_spin(count: int) -> None:
@@ -47,10 +49,11 @@ def _set_omp_spin(count: int) -> None:
 
 
 def run_runtime(device: str, omp_spin_count: int, idle_imports: bool,
-                token: str | None) -> int:
+                token: str | None, lease: Lease | None = None) -> int:
     """A pre-started worker runtime: import torch, the engine and the HTTP stack (and create
     the CUDA context) now, then wait for one `RuntimeAssignment` on one line of stdin and become
-    that worker. Nothing forks: the runtime is the process that serves."""
+    that worker. Nothing forks: the runtime is the process that serves. An idle runtime leaves
+    when its stdin closes (its control plane is gone); the worker it becomes holds ``lease``."""
     idle = idle_imports and hasattr(os, "sched_setscheduler")
     if idle:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -81,7 +84,7 @@ def run_runtime(device: str, omp_spin_count: int, idle_imports: bool,
                   job.spec.device, job.spec.engine)
         return 2
     log.info("runtime pid %d: adopted as worker %s", os.getpid(), job.spec.worker_id)
-    setup = WorkerSetup(agent=job.agent, omp_spin_count=omp_spin_count, token=token)
+    setup = WorkerSetup(agent=job.agent, omp_spin_count=omp_spin_count, token=token, lease=lease)
     return serve(job.spec, setup, adopted)
 
 
@@ -132,7 +135,7 @@ def serve(spec: WorkerSpec, setup: WorkerSetup, start: float | None = None) -> i
     try:
         run_until(app, setup.host, setup.port, f"hydraserve worker {spec.worker_id}",
                   worker.exit_requested, extra=f" stage_port={worker.stage_port}",
-                  token=setup.token, cancel_on_disconnect=True)
+                  token=setup.token, cancel_on_disconnect=True, lease=setup.lease)
     finally:
         worker.stop()
     log.info("worker %s: exited", spec.worker_id)
@@ -175,7 +178,7 @@ def _start_worker(spec: WorkerSpec, setup: WorkerSetup, region: ProgressiveRegio
                        layers=spec.layers, all_card=spec.all_card, agent=setup.agent,
                        engine=engine, host=setup.host, stage_port=setup.stage_port,
                        streaming_load=spec.streaming_load, token=setup.token,
-                       emulation=GpuEmulation.of(spec))
+                       emulation=GpuEmulation.of(spec), started_as=spec)
     worker = Worker(cfg, region, timeline)
     worker.start_loading()
     return worker

@@ -47,10 +47,11 @@ import threading
 import time
 from pathlib import Path
 
+from hydraserve import lease
 from hydraserve.httpjson import CallError, call, get_bytes
 from hydraserve.store.image import SIDE_FILES, ImageKind, ImageSpec
 from hydraserve.store.progressive import ProgressiveRegion
-from hydraserve.protocol import Phase, WorkerHealth
+from hydraserve.protocol import Phase, WorkerHealth, WorkerSpec
 from hydraserve.worker.timeline import Timeline
 
 log = logging.getLogger("hydraserve.worker")
@@ -97,6 +98,7 @@ class VLLMWorker:
         self.proc: subprocess.Popen | None = None
         self.vllm_url: str | None = None
         self.vllm_load_s: float | None = None
+        self.started_as: WorkerSpec | None = None  # reported in /health
         self.dir = Path(tempfile.mkdtemp(prefix=f"hydraserve-vllm-{self.wid}-"))
         self.exit_requested = threading.Event()
         self._stopped = False
@@ -104,7 +106,7 @@ class VLLMWorker:
 
     def health(self) -> WorkerHealth:
         return WorkerHealth(self.state, self.wid, self.error, 0, True, self.timeline.as_dict(),
-                            extra={"model": self.args.model, "engine": "vllm", "rank": 0, "p": 1,
+                            spec=self.started_as, extra={"model": self.args.model, "engine": "vllm", "rank": 0, "p": 1,
                                    "pid": os.getpid(), "vllm_url": self.vllm_url,
                                    "vllm_pid": self.proc.pid if self.proc else None,
                                    "vllm_load_s": self.vllm_load_s})
@@ -415,6 +417,9 @@ def run(args: argparse.Namespace, start: float) -> int:
         return 2
     wid = args.worker_id or f"{args.model}-r0"
     worker = VLLMWorker(args, Timeline(wid, start))
+    from hydraserve.worker.commands import spec_from_args  # it imports this module lazily
+
+    worker.started_as = spec_from_args(args)
     worker.start()
 
     from hydraserve.store.server import run_until
@@ -424,7 +429,8 @@ def run(args: argparse.Namespace, start: float) -> int:
     try:
         run_until(app, args.host, args.port, f"hydraserve worker {wid} (vllm)",
                   worker.exit_requested, extra=" stage_port=0",
-                  token=getattr(args, "cluster_token", None), cancel_on_disconnect=True)
+                  token=getattr(args, "cluster_token", None), cancel_on_disconnect=True,
+                  lease=lease.from_args(args))
     finally:
         worker.stop()
     log.info("worker %s: exited", wid)
