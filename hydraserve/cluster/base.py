@@ -55,7 +55,12 @@ class ClusterBackend(Protocol):
     def start(self) -> None:
         """Bring up the cluster's shared services (store, agents); workers come later."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop everything this backend started (workers, and locally the store and agents)."""
+
+    def detach(self) -> None:
+        """Let go of the cluster without stopping what runs, for the control plane that takes
+        over (a standby, a restart within the orphan grace): it adopts it all."""
 
     def nodes(self) -> tuple[ServerConfig, ...]: ...
 
@@ -104,6 +109,17 @@ class ClusterBackend(Protocol):
     async def stop_worker(self, worker_id: str) -> None: ...
 
     def worker_alive(self, worker_id: str) -> bool: ...
+
+    async def list_workers(self) -> dict[str, WorkerClient]:
+        """The workers that run in the cluster now, whoever started them (this control plane or
+        one before it: the cluster is the record): a client by worker id. A control plane that starts
+        reads each one's health (its `WorkerSpec` and phase) and adopts it or stops it; after
+        this call `stop_worker` and `worker_alive` know every worker listed."""
+
+    def renew_lease(self) -> None:
+        """The control plane lives: renew the lease of every process this backend started for
+        it (`hydraserve.lease`). Called on every tick; the backend acts at most every
+        `lease.RENEW_EVERY_S` or so, and must not block for long."""
 
     async def aclose(self) -> None: ...
 

@@ -27,11 +27,13 @@ def default_cluster(kind: BackendKind) -> ClusterConfig:
 
 
 def build_backend(kind: BackendKind, cluster_cfg: ClusterConfig, *, log_dir: str | None = None,
-                  token: str | None = None, kubeconfig: str | None = None) -> ClusterBackend:
+                  token: str | None = None, kubeconfig: str | None = None,
+                  home: str | None = None) -> ClusterBackend:
     """A new backend of ``kind`` for ``cluster_cfg``; nothing is started yet.
 
     ``token``: the cluster token its calls carry; ``log_dir`` (local): where the store's, the
-    agents' and the workers' logs go; ``kubeconfig`` (Kubernetes): the file to connect with
+    agents' and the workers' logs go; ``home`` (local): the cluster's folder, where a
+    successor finds it (None: a temporary one); ``kubeconfig`` (Kubernetes): the file to connect with
     (None: the pod's service account, else ~/.kube/config). Connecting to a Kubernetes cluster
     happens here, so a missing cluster raises here."""
     if BackendKind(kind) is BackendKind.KUBERNETES:
@@ -40,4 +42,4 @@ def build_backend(kind: BackendKind, cluster_cfg: ClusterConfig, *, log_dir: str
         return KubernetesCluster(cluster_cfg, api_client(kubeconfig), token=token)
     from hydraserve.cluster.local import LocalCluster
 
-    return LocalCluster(cluster_cfg, log_dir, token=token)
+    return LocalCluster(cluster_cfg, log_dir, token=token, home=home)

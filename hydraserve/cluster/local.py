@@ -6,6 +6,13 @@ GPU memory is a budget kept by the control plane's accounting. The store and the
 supervised: one that dies (killed, crashed) is started again on the port it had, so workers and
 the control plane find it where it was; the shared memory a dead agent left is freed.
 
+The cluster is the record: its folder (``home``) holds a record of the processes that run
+(`record`) and a lease file that the control plane touches on its tick. Every process started
+here holds that lease and exits by itself once it was not renewed for the orphan grace
+(`hydraserve.lease`); a backend started on the same home within the grace adopts the store, the
+agents and the workers its predecessor left (`start`, `list_workers`) instead of starting new
+ones, and `detach` leaves them all running for such a successor.
+
 With ``warm_runtimes: N`` each server keeps N pre-started runtimes (``hydraserve runtime``:
 torch, the engine and the HTTP stack imported, on CUDA the context made). A worker start adopts
 one (its spec goes down the runtime's stdin; nothing forks) and a replacement is started at
@@ -24,12 +31,16 @@ import tempfile
 import threading
 from pathlib import Path
 
+import time
+
 from hydraserve.cluster.base import WorkerSpec, model_weights_gb, worker_args
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
+from hydraserve.cluster.record import ClusterRecord, Entry
+from hydraserve.lease import RENEW_EVERY_S, Lease, renew_file
 from hydraserve.protocol import RUNTIME_READY, RuntimeAssignment
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.agent import SHM_PREFIX
-from hydraserve.store.launch import ServerProcess
+from hydraserve.store.launch import AdoptedProcess, ServerProcess, pid_alive
 
 log = logging.getLogger("hydraserve.cluster")
 
@@ -37,15 +48,24 @@ RUNTIME_CONTEXT_GB = 0.5  # real GB a pooled runtime's CUDA context holds on its
 
 
 class LocalCluster(HttpServices):
-    def __init__(self, cfg: ClusterConfig, log_dir: str | None = None, token: str | None = None):
+    def __init__(self, cfg: ClusterConfig, log_dir: str | None = None, token: str | None = None,
+                 home: str | Path | None = None):
         """``token``: the cluster token. The store, agents and workers started here inherit this
-        process's environment, which is where they read it (the same one) from."""
+        process's environment, which is where they read it (the same one) from. ``home``: the
+        cluster's folder, where a successor finds it (None: a new temporary folder, removed
+        at close and by the store of an orphaned cluster)."""
         self.cfg = cfg
-        self._tmp = Path(tempfile.mkdtemp(prefix="hydraserve-cluster-"))
-        self.log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
+        self._owns_home = home is None
+        self.home = Path(tempfile.mkdtemp(prefix="hydraserve-cluster-")) if home is None \
+            else Path(home)
+        self.log_dir = Path(log_dir) if log_dir else self.home / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.root = self._tmp / "store"
-        self.root.mkdir()
+        self.root = self.home / "store"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.record = ClusterRecord(self.home / "record.json")
+        self.lease = Lease(cfg.orphan_grace_s, self.home / "lease")
+        self._renewed = 0.0
+        self.adopted_services = 0  # the store and agents found running at start
         self._store: ServerProcess | None = None
         self._agents: dict[str, ServerProcess] = {}
         self._workers: dict[str, ServerProcess] = {}
@@ -61,25 +81,70 @@ class LocalCluster(HttpServices):
         self.adopted = 0  # worker starts that adopted a pooled runtime
 
     def start(self) -> None:
-        scale = self.cfg.scale.size_scale
+        """Adopt the store and agents a predecessor left on this home (alive, started with the
+        same arguments), start the rest."""
+        self.renew_lease(force=True)
+        found = self.record.load()
+        scale, lease = self.cfg.scale.size_scale, self.lease.args()
         egress = ["--egress-gbps", str(self.cfg.egress_gbps / scale)] if self.cfg.egress_gbps else []
-        self._args["store"] = ["store", "serve", "--root", str(self.root), *egress]
-        self._store = ServerProcess(self._args["store"], self.log_dir / "store.log")
+        cleanup = ["--orphan-cleanup", str(self.home)] if self._owns_home else []
+        self._args["store"] = ["store", "serve", "--root", str(self.root), *egress, *lease, *cleanup]
+        self._store = self._found(self.record.store if found else None, self._args["store"],
+                                  "store serve")
+        if self._store is None:
+            self._store = ServerProcess(self._args["store"], self.log_dir / "store.log")
+            self.record.set_store(Entry(self._store.proc.pid, self._store.url,
+                                        self._args["store"]))
         for s in self.cfg.servers:
             self._args[s.name] = ["store", "agent", "--node", s.name, "--remote", self._store.url,
                                   "--nic-gbps", str(s.nic_gbps / scale),
-                                  "--cache-gb", str(s.cache_gb / scale)]
-            self._agents[s.name] = ServerProcess(self._args[s.name],
-                                                 self.log_dir / f"agent-{s.name}.log", wait=False)
-        for a in self._agents.values():
+                                  "--cache-gb", str(s.cache_gb / scale), *lease]
+            agent = self._found(self.record.agents.get(s.name) if found else None,
+                                self._args[s.name], f"--node {s.name} ")
+            self._agents[s.name] = agent or ServerProcess(
+                self._args[s.name], self.log_dir / f"agent-{s.name}.log", wait=False)
+        for name, a in self._agents.items():
             a.wait_ready()
+            self.record.set_agent(name, Entry(a.proc.pid, a.url, self._args[name]))
+        self._stop_unknown(found)
         for s in self.cfg.servers:
             for _ in range(self.cfg.warm_runtimes):
                 self._add_runtime(s.name)
-        log.info("local cluster: store %s, %d agents, %d warm runtime(s) per server",
-                 self._store.url, len(self._agents), self.cfg.warm_runtimes)
+        log.info("local cluster %s: store %s, %d agents (of these %d processes, %d were "
+                 "adopted from the control plane before), %d warm runtime(s) per server",
+                 self.home, self._store.url, len(self._agents), len(self._agents) + 1,
+                 self.adopted_services, self.cfg.warm_runtimes)
         self._watcher = threading.Thread(target=self._watch, name="cluster-watch", daemon=True)
         self._watcher.start()
+
+    def _found(self, entry: Entry | None, args: list[str], marker: str) -> ServerProcess | None:
+        """The process of a record entry, adopted when it runs with ``args``; one that runs with
+        other arguments is stopped (None either way then)."""
+        if entry is None or entry.url is None or not pid_alive(entry.pid, marker):
+            return None
+        proc = AdoptedProcess(entry.pid, entry.url, entry.args, self.log_dir / "adopted.log")
+        if entry.args != args:
+            log.warning("pid %d (hydraserve %s) runs with other arguments than this cluster's: "
+                        "stopping it", entry.pid, " ".join(entry.args[:2]))
+            proc.stop(timeout=10)
+            return None
+        self.adopted_services += 1
+        return proc
+
+    def _stop_unknown(self, found: bool) -> None:
+        """Stop the agents of the record that this cluster has no server for any more."""
+        for name, entry in list(self.record.agents.items()) if found else ():
+            if name not in self._agents:
+                if pid_alive(entry.pid, f"--node {name} "):
+                    AdoptedProcess(entry.pid, entry.url, entry.args, os.devnull).stop(timeout=10)
+                self.record.set_agent(name, None)
+
+    def renew_lease(self, force: bool = False) -> None:
+        """Touch the lease file every `RENEW_EVERY_S` (the control plane's tick calls this)."""
+        now = time.monotonic()
+        if force or now - self._renewed >= RENEW_EVERY_S:
+            self._renewed = now
+            renew_file(self.lease.path)
 
     # -- the warm runtime pool ---------------------------------------------------------------
     def _add_runtime(self, node: str) -> None:
@@ -87,7 +152,8 @@ class LocalCluster(HttpServices):
             if self._closing.is_set():
                 return
             n = next(self._runtime_ids)
-        proc = ServerProcess(["runtime", "--device", self.cfg.device, "--idle-imports"],
+        proc = ServerProcess(["runtime", "--device", self.cfg.device, "--idle-imports",
+                              *self.lease.args()],
                              self.log_dir / f"runtime-{node}-{n}.log", wait=False,
                              stdin_pipe=True)
         # the first line it prints says its imports are done; this thread is its only reader
@@ -188,8 +254,11 @@ class LocalCluster(HttpServices):
         self._restarts += 1
         log.warning("%s (pid %d) died with status %s: restarting it on port %d", what,
                     old.proc.pid, code, old.port)
-        return ServerProcess([*self._args[key], "--port", str(old.port)],
+        proc = ServerProcess([*self._args[key], "--port", str(old.port)],
                              self.log_dir / f"{what}.{self._restarts}.log")
+        entry = Entry(proc.proc.pid, proc.url, self._args[key])
+        self.record.set_store(entry) if key == "store" else self.record.set_agent(key, entry)
+        return proc
 
     async def _alive(self, proc: ServerProcess) -> None:
         if proc.proc.poll() is not None:  # dead: do not fail the call if it can come back
@@ -244,15 +313,48 @@ class LocalCluster(HttpServices):
             self.adopted += 1
             self._refill(spec.node)
         else:
-            proc = ServerProcess(worker_args(spec, agent),
+            proc = ServerProcess([*worker_args(spec, agent), *self.lease.args()],
                                  self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
         with self._lock:
             self._workers[spec.worker_id] = proc
+        self.record.set_worker(spec.worker_id, Entry(proc.proc.pid, None, spec=spec.to_json()))
 
     async def wait_worker(self, worker_id: str, timeout: float = 120.0) -> HttpWorker:
+        proc = self._workers[worker_id]
         url = await asyncio.get_running_loop().run_in_executor(
-            None, self._wait_ready, self._workers[worker_id], timeout)
+            None, self._wait_ready, proc, timeout)
+        entry = self.record.workers.get(worker_id)
+        if entry is not None and entry.url != url:
+            self.record.set_worker(worker_id, Entry(entry.pid, url, spec=entry.spec))
         return HttpWorker(self._api, url)
+
+    async def list_workers(self) -> dict[str, HttpWorker]:
+        """The workers of the record that run and serve their control API; those that run
+        without one yet (a predecessor died while they started) are stopped."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._list_workers)
+
+    def _list_workers(self) -> dict[str, HttpWorker]:
+        out = {}
+        for wid, entry in list(self.record.workers.items()):
+            with self._lock:
+                known = self._workers.get(wid)
+            if known is not None:
+                if known.proc.poll() is None and known.url:
+                    out[wid] = HttpWorker(self._api, known.url)
+                continue
+            alive = pid_alive(entry.pid, f"--worker-id {wid} ")
+            proc = AdoptedProcess(entry.pid, entry.url, [], self.log_dir / "adopted.log")
+            if alive and entry.url:
+                with self._lock:
+                    self._workers[wid] = proc
+                out[wid] = HttpWorker(self._api, entry.url)
+                continue
+            if alive:
+                log.warning("worker %s (pid %d) was still starting when its control plane "
+                            "went: stopping it", wid, entry.pid)
+                proc.stop(timeout=10)
+            self.record.set_worker(wid, None)
+        return out
 
     @staticmethod
     def _wait_ready(proc: ServerProcess, timeout: float) -> str:
@@ -286,11 +388,14 @@ class LocalCluster(HttpServices):
             proc = self._workers.pop(worker_id, None)
         if proc is not None:
             proc.stop(timeout=10)
+        self.record.set_worker(worker_id, None)
 
     async def aclose(self) -> None:
         await self._api.close()
 
-    def close(self) -> None:
+    def _let_go(self) -> None:
+        """Stop supervising and refilling; stop the idle pooled runtimes (they read their
+        assignment from this process: no successor can adopt them)."""
         with self._lock:
             self._closing.set()
             idle = [p for procs in self._pool.values() for p in procs]
@@ -300,6 +405,16 @@ class LocalCluster(HttpServices):
             p.stop(timeout=5)
         if self._watcher is not None:
             self._watcher.join(30)
+
+    def detach(self) -> None:
+        self._let_go()
+        self.renew_lease(force=True)  # the successor's grace starts now
+        log.info("local cluster %s left running for the control plane that takes over: "
+                 "store, %d agents, %d workers", self.home, len(self._agents),
+                 len(self._workers))
+
+    def close(self) -> None:
+        self._let_go()
         for wid in list(self._workers):
             self._stop_worker(wid)
         for a in self._agents.values():
@@ -307,8 +422,9 @@ class LocalCluster(HttpServices):
             _free_segments(a.proc.pid)  # nothing left unless it was killed
         if self._store:
             self._store.stop()
-        # the store's links and, unless a log folder was given, the logs: nothing stays behind
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self.record.remove()  # nothing runs: a successor starts a new cluster
+        # the store's links and, in a temporary home, the logs: nothing stays behind
+        shutil.rmtree(self.home if self._owns_home else self.root, ignore_errors=True)
 
 
 def _free_segments(agent_pid: int) -> None:

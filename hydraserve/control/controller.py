@@ -24,6 +24,7 @@ from pathlib import Path
 from hydraserve.cluster.base import ClusterBackend
 from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
 from hydraserve.control import autoscale
+from hydraserve.control.adoption import adopt
 from hydraserve.control.fleet import Fleet
 from hydraserve.control.instance import Instance, InstanceState, Request
 from hydraserve.control.placer import Placer
@@ -65,14 +66,26 @@ class Controller:
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Adopt what runs in the cluster (`adoption`; register the models first), then run the
+        reconcile loop."""
+        found = await adopt(self.state)
+        for iid in found.instances:
+            inst = self.state.instances[iid]
+            if inst.placement.consolidate:
+                self.state.spawn(self.fleet.consolidation.run(self.state.endpoints[inst.model],
+                                                              inst))
+        if self.preset.cache:
+            await self.fleet.refresh_cache()  # the agents' host caches, as they are
         self.state.spawn(self._run())  # cancelled with the other tasks at close
 
-    async def close(self) -> None:
+    async def close(self, hand_over: bool = False) -> None:
+        """Stop: every instance is stopped, or with ``hand_over`` left running for the control
+        plane that takes over (a standby), which adopts them."""
         s = self.state
         s.closing = True
         for t in list(s.tasks):
             t.cancel()
-        for inst in list(s.instances.values()):
+        for inst in list(s.instances.values()) if not hand_over else ():
             await self.fleet.stop(inst, InstanceState.STOPPED)
         for ep in s.endpoints.values():
             for req in ep.queue:
@@ -81,8 +94,11 @@ class Controller:
         if s.lifecycle:
             s.lifecycle.close()
 
-    def begin_drain(self, grace_s: float) -> None:
-        """Shut down in the background (see `Router.drain`); call on the control plane's loop."""
+    def begin_drain(self, grace_s: float, hand_over: bool = False) -> None:
+        """Shut down in the background (see `Router.drain`); call on the control plane's loop.
+        ``hand_over``: another control plane leads now: from here on this one only serves what
+        it holds, and never starts or stops an instance."""
+        self.state.handing_over = self.state.handing_over or hand_over
         self.state.spawn(self.drain(grace_s))
 
     # -- models ------------------------------------------------------------------------------------
@@ -135,6 +151,7 @@ class Controller:
         # as its inner wait completes, and the loop would tick on after close()
         while not s.closing:
             await s.woken(TICK_S)
+            s.cluster.renew_lease()  # the processes of the cluster outlive us by the grace only
             self.placer.forget()
             now = s.clock()
             if self.preset.cache and now - last_cache_check > CACHE_CHECK_S:
@@ -159,6 +176,8 @@ class Controller:
         as `autoscale.decide` says."""
         self.router.expire(ep, now)
         self.router.assign(ep)
+        if self.state.handing_over:
+            return  # the instances are the new leader's to start and stop
         for inst in ep.instances:  # the requests that joined a starting instance's slots
             if inst.state is InstanceState.STARTING and ep.queue:
                 self.state.tag_waiting(ep, inst)

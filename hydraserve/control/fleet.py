@@ -64,6 +64,7 @@ class Fleet:
             profile_s, load_gbs = emulated_gpu_costs(preset, gpu_kind_of(s.node))
         return WorkerSpec(worker_id=s.worker_id, model=ep.name, node=s.node, rank=s.rank,
                           p=inst.placement.p, layers=s.layers, all_card=s.all_card,
+                          instance=inst.id, gpu=s.claim.gpu, claim_gb=s.claim.gb,
                           num_kv_blocks=ep.num_kv_blocks, device=cfg.device,
                           # on GPUs half precision, as the memory claims assume
                           dtype="float16" if cfg.device == "cuda" else "float32",

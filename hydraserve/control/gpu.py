@@ -93,6 +93,20 @@ class GpuLedger:
         self._claims[claim.id] = claim
         return claim
 
+    def adopt(self, node: str, gpu: int, gb: float) -> Claim:
+        """Book exactly ``gb`` on ``gpu`` of ``node`` for a worker found running (a new control
+        plane rebuilding the ledger from the cluster): what runs is a fact, so it is booked
+        even where it exceeds the budget (the ledger then shows the GPU as full)."""
+        self._node(node)
+        if not 0 <= gpu < len(self._totals[node]):
+            raise ValueError(f"node {node} has no GPU {gpu}")
+        claim = Claim(id=next(self._ids), node=node, gpu=gpu, gb=gb)
+        self._snapshots.pop(node, None)
+        self._used[node][gpu] += gb
+        self._holders[node][gpu] += 1
+        self._claims[claim.id] = claim
+        return claim
+
     def release(self, claim: Claim) -> None:
         """Give a claim's memory back; ValueError for an unknown or already released claim."""
         if self._claims.pop(claim.id, None) is None:

@@ -10,6 +10,12 @@ One JSON object per line, written as things happen; ``t`` is in seconds on the l
     {"t", "event": "consolidated", "instance", "released": [ranks], "split": [{"rank",
      "instance"}]}      part-card stages freed; other all-card stages became standalone instances
     {"t", "event": "deleted", "instance", "state": "stopped" | "failed", "error"}
+    {"t", "event": "adopted", "instance", "model", "p", "stages": [{"rank", "node", "gpu", "gb",
+     "all_card", "created", "created_rank"}]}   a new control plane took over the stages that
+                        instance "created" made as its rank "created_rank" (control/adoption.py)
+
+A control plane that takes over (a restart, a standby) appends to the same log, so an analysis
+accounts every request and instance of a run.
 
 The operator's events go to the same log (`ControlState.emit`; the analysis ignores them)::
 
@@ -41,7 +47,10 @@ class LifecycleLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
+        torn = _ends_torn(self.path)
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+        if torn:  # a predecessor died mid-line: its torn line stays a line of its own
+            self._file.write("\n")
 
     def write(self, event: str, **fields) -> None:
         line = json.dumps({"t": round(self._clock(), 6), "event": event, **fields})
@@ -57,9 +66,23 @@ class LifecycleLog:
                 self._file = None
 
 
+def _ends_torn(path: Path) -> bool:
+    """Whether the file at ``path`` ends inside a line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, 2)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 def read_lifecycle(path: str | Path) -> list[dict]:
-    """The events of a lifecycle log, in order; a torn last line (a crash mid-write) is
-    skipped, any other malformed line is an error naming the line."""
+    """The events of a lifecycle log, in order; a torn line (a crash mid-write, the last line,
+    or one a successor appended after) is skipped, any other malformed line is an error naming
+    the line."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     out = []
     for i, line in enumerate(lines, 1):
@@ -68,7 +91,7 @@ def read_lifecycle(path: str | Path) -> list[dict]:
         try:
             out.append(json.loads(line))
         except ValueError:
-            if i == len(lines):
-                break
+            if i == len(lines) or (line.startswith("{") and not line.rstrip().endswith("}")):
+                continue
             raise ValueError(f"{path}:{i}: not a JSON object") from None
     return out

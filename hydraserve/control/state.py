@@ -85,6 +85,7 @@ class ControlState:
         self.serving: dict[str, Request] = {}  # by id: dispatched and not finished
         self.closing = False
         self.draining = False
+        self.handing_over = False  # a standby leads now (`Controller.begin_drain`)
         self.lifecycle = LifecycleLog(gw.lifecycle_log, lifecycle_clock) \
             if gw.lifecycle_log else None
         self.coldstarts = ColdStarts()
@@ -95,6 +96,10 @@ class ControlState:
 
     def new_id(self, model: str) -> str:
         return f"{model}-{next(self._ids)}"
+
+    def ids_from(self, n: int) -> None:
+        """Number new instances from ``n`` on (past those a predecessor made)."""
+        self._ids = itertools.count(n)
 
     def wake(self) -> None:
         """Run the reconcile loop now (something changed)."""

@@ -52,27 +52,40 @@ class Gateway:
         self.created: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self.handing_over = False
 
     def begin_drain(self, grace_s: float) -> None:
         """Stop taking requests and end the open ones within ``grace_s`` seconds (each gets
-        its final event). Safe to call from a signal handler or another thread."""
+        its final event). Safe to call from a signal handler or another thread. After
+        `hand_over` the instances are left to the new leader."""
         if self._loop is None or self._draining:
             return
         self._draining = True
-        log.info("shutting down: open requests have %.0f s to finish", grace_s)
-        self._loop.call_soon_threadsafe(self.controller.begin_drain, grace_s)
+        log.info("shutting down: open requests have %.0f s to finish%s", grace_s,
+                 "; the cluster stays up for the standby that leads now"
+                 if self.handing_over else "")
+        self._loop.call_soon_threadsafe(self.controller.begin_drain, grace_s, self.handing_over)
 
     async def start(self) -> None:
+        """Start (or find) the cluster, register the models, adopt what runs, then serve."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         await loop.run_in_executor(None, self.cluster.start)
-        await self.controller.start()
         for m in self.initial_models:
             await self.register(m)
+        await self.controller.start()
 
     async def close(self) -> None:
-        await self.controller.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
+        """Stop the cluster, or, once `hand_over` was called, leave it running for the standby
+        that leads now."""
+        await self.controller.close(hand_over=self.handing_over)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, self.cluster.detach if self.handing_over else self.cluster.close)
+
+    def hand_over(self) -> None:
+        """A standby takes over: at shutdown the cluster stays running (see `close`)."""
+        self.handing_over = True
 
     async def register(self, entry: ModelConfigEntry) -> None:
         self.tokenizers[entry.name] = Tokenizer.from_dir(entry.path)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable
 
 from hydraserve.cluster.factory import BackendKind, build_backend, default_cluster
 from hydraserve.control.presets import ExecType, preset
+from hydraserve.gateway.leading import Refused
+from hydraserve.lease import ORPHAN_GRACE_S
 from hydraserve.worker.commands import VLLM_PYTHON_HELP
 
 if TYPE_CHECKING:
@@ -34,10 +36,6 @@ log = logging.getLogger("hydraserve")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TTFT_SLO_S = 12.0
-
-
-class Refused(Exception):
-    """serve cannot start as asked; the message says why (logged, exit status 2)."""
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +63,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "(the paper's cold-start experiment ran HydraServe with P = 4)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    p.add_argument("--standby", action="store_true",
+                   help="if another gateway leads this cluster (locally: the same "
+                        "HYDRASERVE_CACHE and --port; on Kubernetes: the same namespace), wait "
+                        "as its standby: take no requests, and when it goes (crashed, killed, "
+                        "or SIGTERMed for a rolling restart) take over its cluster with every "
+                        "instance still warm. Without it, serve refuses to start beside a "
+                        "leader")
+    p.add_argument("--orphan-grace", type=float, default=ORPHAN_GRACE_S, metavar="S",
+                   help="every process the gateway starts (store, agents, workers) exits by "
+                        "itself once no gateway renewed its lease for S seconds; a gateway "
+                        "started again within S seconds adopts them all, warm (default: "
+                        f"{ORPHAN_GRACE_S:g})")
     _add_gateway_arguments(p)
     _add_worker_arguments(p)
     p.set_defaults(func=_cmd_serve)
@@ -205,30 +215,73 @@ def _alive(pid: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
     from hydraserve.config import ModelConfigEntry, load_models
     from hydraserve.gateway.app import Gateway
+    from hydraserve.gateway.leading import cluster_home, lead, listening_socket
 
     kind = BackendKind(args.cluster_backend)
     try:
         vllm_python = _vllm_python(args, kind)
         cluster_cfg, backend = _cluster(args, kind)
+        home = cluster_home(args.cache_root, args.port) if kind is BackendKind.LOCAL else None
+        leadership = _leadership(args, kind, home, backend)
     except Refused as e:
         log.error("%s", e)
         return 2
     models = load_models(args.models) if args.models else [ModelConfigEntry(
         name=DEFAULT_MODEL, path=default_model(args.cache_root), ttft_slo_s=DEFAULT_TTFT_SLO_S)]
     gw = _gateway_config(args, vllm_python)
-    sock = socket.create_server((args.host, args.port))
+    if leadership is not None:
+        stop = threading.Event()
+        _stop_on_signals(stop)
+        try:
+            if not lead(leadership, args.standby, stop):
+                log.info("standby: stopped before it led")
+                return 0
+        except Refused as e:
+            log.error("%s", e)
+            return 2
+    sock = listening_socket(args.host, args.port)
     url = f"http://{args.host}:{sock.getsockname()[1]}"
     if backend is None:  # the local backend, for the final cluster config
         log_dir = args.log_dir or _run_log_dir(args.cache_root, args.keep_logs)
         log.info("logs of the store, the agents and the workers: %s", log_dir)
-        backend = build_backend(kind, cluster_cfg, log_dir=log_dir, token=args.cluster_token)
+        backend = build_backend(kind, cluster_cfg, log_dir=log_dir, token=args.cluster_token,
+                                home=None if home is None else str(home))
     gateway = Gateway(gw, cluster_cfg, backend, models)
     _run_server(gateway, sock, lambda: _print_ready(url, args, len(cluster_cfg.servers), models),
-                max(0.0, args.shutdown_grace))
-    log.info("gateway stopped; every worker, agent and the store were shut down")
+                max(0.0, args.shutdown_grace), leadership, url)
+    if gateway.handing_over:
+        log.info("gateway stopped; its cluster runs on under the new leader")
+    else:
+        log.info("gateway stopped; every worker, agent and the store were shut down")
     return 0
+
+
+def _leadership(args: argparse.Namespace, kind: BackendKind, home: Path | None, backend):
+    """Who may lead this cluster (None: nobody else can reach it, a local cluster on port 0)."""
+    if kind is BackendKind.KUBERNETES:
+        from hydraserve.cluster.k8s_leader import KubernetesLeadership
+
+        return KubernetesLeadership.for_backend(backend)
+    if home is None:
+        if args.standby:
+            raise Refused("--standby needs a fixed --port: the cluster of a gateway on port 0 "
+                          "is its own")
+        return None
+    from hydraserve.cluster.leader import FileLeadership
+
+    return FileLeadership(home)
+
+
+def _stop_on_signals(stop) -> None:
+    """SIGINT/SIGTERM while a standby waits: stop waiting (the server installs its own later)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def _vllm_python(args: argparse.Namespace, kind: BackendKind) -> str | None:
@@ -265,6 +318,9 @@ def _cluster(args: argparse.Namespace,
             raise Refused(f"--cluster-backend kubernetes: {type(e).__name__}: {e}") from None
         cfg = backend.cluster_config()
     cfg = cfg.with_host_cache(preset(args.exec_type).cache)
+    if not args.orphan_grace > 0:
+        raise Refused("--orphan-grace must be a positive number of seconds")
+    cfg = dataclasses.replace(cfg, orphan_grace_s=args.orphan_grace)
     if args.warm_runtime is not None:
         if args.warm_runtime < 0:
             raise Refused("--warm-runtime must be >= 0")
@@ -306,25 +362,55 @@ print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'con
 
 
 def _run_server(gateway: Gateway, sock: socket.socket, ready: Callable[[], None],
-                grace: float) -> None:
-    """Serve until SIGINT/SIGTERM; then open requests get ``grace`` seconds to finish."""
+                grace: float, leadership=None, url: str = "") -> None:
+    """Serve until SIGINT/SIGTERM; then open requests get ``grace`` seconds to finish. With a
+    standby waiting, SIGTERM hands the cluster over (`leading.hand_over`) instead of stopping
+    it."""
     import signal
+    import threading
 
     import uvicorn
 
     from hydraserve.gateway.app import create_app
+    from hydraserve.gateway.leading import announce, hand_over
+
+    def on_ready() -> None:
+        if leadership is not None:
+            announce(leadership, url)
+        ready()
 
     # a backstop: uvicorn cancels what is still running this long after the signal
-    config = uvicorn.Config(create_app(gateway, ready), log_level="warning", lifespan="on",
+    config = uvicorn.Config(create_app(gateway, on_ready), log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=grace + 10)
 
     class Server(uvicorn.Server):
+        handing = False  # a handover is under way (a second signal must not stop the cluster)
+
         def handle_exit(self, sig, frame) -> None:
+            if self.handing:
+                return
+            if leadership is not None and sig == signal.SIGTERM and leadership.held() and \
+                    leadership.standby_waiting():
+                # waiting for the successor must not block the loop: the streams go on
+                self.handing = True
+                threading.Thread(target=self._hand_over, args=(sig, frame), daemon=True,
+                                 name="hand-over").start()
+                return
             gateway.begin_drain(grace)  # open streams end with a final event, not a cut
+            super().handle_exit(sig, frame)
+
+        def _hand_over(self, sig, frame) -> None:
+            if hand_over(leadership):
+                gateway.hand_over()
+            gateway.begin_drain(grace)
             super().handle_exit(sig, frame)
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
     # signal to the handler it found: make that a no-op so a clean stop exits with status 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    Server(config).run(sockets=[sock])
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        if leadership is not None:
+            leadership.release()

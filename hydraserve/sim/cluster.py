@@ -67,6 +67,15 @@ class SimCluster:
         for w in list(self.workers.values()):
             w.kill()
 
+    def detach(self) -> None:
+        pass  # the simulated workers stay for the control plane that takes over
+
+    def renew_lease(self) -> None:
+        pass  # simulated workers hold no lease
+
+    async def list_workers(self) -> dict[str, "SimWorker"]:
+        return {wid: w for wid, w in self.workers.items() if w.state != "stopped"}
+
     def nodes(self) -> tuple[ServerConfig, ...]:
         return self.cfg.servers
 
@@ -308,7 +317,8 @@ class SimWorker:
             raise WorkerError(f"worker {self.spec.worker_id} is gone", 503)
         phase = Phase.READY if self.state == "ready" else Phase.LOADING
         return WorkerHealth(phase, self.spec.worker_id, self.error, self.stage_port,
-                            self.standalone, dict(self.timeline), running=self.active)
+                            self.standalone, dict(self.timeline), spec=self.spec,
+                            running=self.active)
 
     async def wait_for(self, event: str, timeout: float) -> WorkerHealth:
         loop = asyncio.get_running_loop()

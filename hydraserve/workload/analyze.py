@@ -66,6 +66,13 @@ def instance_costs(events: Iterable[dict], keep_alive_s: float = 30.0) -> dict[s
                 key = (iid, int(s["rank"]))
                 stages[key] = {"gb": float(s["gb"]), "start": t, "end": None}
                 owner[key] = iid
+        elif kind == "adopted":  # a new control plane took it over: its stages go on
+            model[iid] = e["model"]
+            for s in e["stages"]:
+                key = (s.get("created", iid), int(s.get("created_rank", s["rank"])))
+                if key not in stages:  # created before the log began
+                    stages[key] = {"gb": float(s["gb"]), "start": t, "end": None}
+                owner[key] = iid
         elif kind == "request_end":
             last_token[iid] = max(last_token.get(iid, t), t)
         elif kind == "consolidated":
