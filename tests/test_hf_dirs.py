@@ -59,14 +59,17 @@ def test_chat_without_a_template_is_a_clear_400(llama_dir, tmp_path):
     _edit(d / "tokenizer_config.json", lambda c: c.pop("chat_template"))
     cfg = default_local_cluster()
     # no lifespan: no cluster process starts; max_queue=0 makes an accepted request a fast 429
-    gateway = Gateway(GatewayConfig(max_queue=0), cfg, LocalCluster(cfg), [])
-    c = TestClient(create_app(gateway))
-    assert c.post("/admin/models", json={"name": "m", "path": str(d)}).status_code == 200
-    r = c.post("/v1/chat/completions", json={"model": "m", "messages": TURN})
-    assert r.status_code == 400
-    err = r.json()["error"]
-    assert err["param"] == "messages" and "no chat template" in err["message"]
-    assert c.post("/v1/completions", json={"model": "m", "prompt": "hi"}).status_code == 429
+    cluster = LocalCluster(cfg)  # it makes its temporary folder at once: closed on every path
+    try:
+        c = TestClient(create_app(Gateway(GatewayConfig(max_queue=0), cfg, cluster, [])))
+        assert c.post("/admin/models", json={"name": "m", "path": str(d)}).status_code == 200
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": TURN})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "no chat template" in err["message"]
+        assert c.post("/v1/completions", json={"model": "m", "prompt": "hi"}).status_code == 429
+    finally:
+        cluster.close()
 
 
 def test_family_from_model_type_when_architectures_is_missing(model_dirs, tmp_path):
