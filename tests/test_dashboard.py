@@ -8,6 +8,7 @@ it)."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -96,10 +97,18 @@ def test_the_phases_add_up_to_the_ttft_the_client_measured(server, cold):
     assert list(phases) == ["queue", "placement", "spawn", "imports", "server", "ring",
                             "fetch", "load", "engine", "first_token"]
     assert abs(sum(phases.values()) - ttft) <= 0.05 * ttft, (phases, ttft)
-    assert phases["imports"] > 0.5 and phases["fetch"] + phases["load"] > 0.5
+    assert phases["imports"] > 0.5  # the runtime's imports (torch) are on the critical path
+    # The steps overlap, so a phase is what its step added to the wait: it ends when the step
+    # was done on its last stage, or when the phase before ended if that was later (a fetch
+    # that finished while slow imports ran adds nothing). However the machine's speed splits
+    # the TTFT, the phases through a step never end before that step did on any stage.
+    ends = dict(zip(phases, itertools.accumulate(phases.values())))
     for st in rec["stages"]:
         names = {s["name"] for s in st["segments"]}
         assert {"imports", "fetch", "load"} <= names, st
+        for seg in st["segments"]:
+            if seg["name"] in ("imports", "fetch", "load"):
+                assert ends[seg["name"]] >= min(seg["end"], rec["ttft_s"]) - 1e-3, (phases, st)
         assert st["fetch_bytes"] > 0 and st["fetch_gbps"] > 0
     assert rec["predicted_ttft_s"] > 0
     with pytest.raises(urllib.error.HTTPError) as e:
