@@ -137,7 +137,9 @@ def test_the_metrics_hold_the_cold_start(server, cold):
     assert "hydraserve_nic_fetch_bookings{" in text and "hydraserve_warm_runtimes{" in text
 
 
-def _browser():
+def _browser(profile: Path):
+    """Headless Chromium with its profile in ``profile`` (a test's tmp_path): left to itself it
+    makes one in the temporary folder and leaves it there."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("no Chromium here: apt-get install chromium chromium-driver (.ci/run does)")
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -147,7 +149,8 @@ def _browser():
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               "--disable-background-networking", "--disable-component-update",
-              "--disable-sync", "--no-first-run", "--window-size=1280,1000"):
+              "--disable-sync", "--no-first-run", "--window-size=1280,1000",
+              f"--user-data-dir={profile}"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
@@ -160,7 +163,7 @@ def test_the_dashboard_shows_the_cold_start_in_a_browser(server, cold, tmp_path)
     with pytest.raises(urllib.error.HTTPError) as e:  # the page too needs the admin token
         _get(server, "/dashboard", token=None)
     assert e.value.code == 401
-    browser = _browser()
+    browser = _browser(tmp_path / "chromium-profile")
     try:
         browser.get(f"{server.url}/dashboard?token={TOKEN}")
         row = f'.cold[data-id="{iid}"]'
