@@ -156,7 +156,6 @@ def _browser(profile: Path):
 
 
 def test_the_dashboard_shows_the_cold_start_in_a_browser(server, cold, tmp_path):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     iid = cold[0]["x-hydraserve-cold-start"]
@@ -170,17 +169,15 @@ def test_the_dashboard_shows_the_cold_start_in_a_browser(server, cold, tmp_path)
         # the live page fills in by itself: the cold start's row, its phase bar, a timeline row
         # per stage with its segments
         WebDriverWait(browser, 30).until(
-            lambda b: b.find_elements(By.CSS_SELECTOR, f"{row} .phase[data-phase]"))
-        phases = {el.get_attribute("data-phase") for el in
-                  browser.find_elements(By.CSS_SELECTOR, f"{row} .phase[data-phase]")}
+            lambda b: _attrs(b, f"{row} .phase[data-phase]", "data-phase"))
+        phases = set(_attrs(browser, f"{row} .phase[data-phase]", "data-phase"))
         assert {"imports", "first_token"} <= phases, phases
         rec = _get(server, f"/admin/coldstarts/{iid}")
-        stage_rows = browser.find_elements(By.CSS_SELECTOR, f"{row} .stage-row")
-        assert len(stage_rows) == len(rec["stages"])
-        segments = browser.find_elements(By.CSS_SELECTOR, f"{row} .stage-row .segment")
-        assert {s.get_attribute("data-phase") for s in segments} >= {"fetch", "load"}
-        assert MODEL in browser.find_element(By.ID, "models").text
-        assert browser.find_element(By.ID, "error").text == ""
+        assert len(_attrs(browser, f"{row} .stage-row", "class")) == len(rec["stages"])
+        segments = set(_attrs(browser, f"{row} .stage-row .segment", "data-phase"))
+        assert segments >= {"fetch", "load"}, segments
+        assert MODEL in _text(browser, "models")
+        assert _text(browser, "error") == ""
         shot = tmp_path / "dashboard.png"
         browser.save_screenshot(str(shot))
     finally:
@@ -189,6 +186,18 @@ def test_the_dashboard_shows_the_cold_start_in_a_browser(server, cold, tmp_path)
     keep = os.environ.get("HYDRASERVE_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+# The page draws itself again every second (innerHTML): an element found by one call may be gone
+# by the next (a stale element), so each read is one script, run between two redraws.
+def _attrs(browser, css: str, attr: str) -> list[str | None]:
+    return browser.execute_script("return Array.from(document.querySelectorAll(arguments[0]), "
+                                  "e => e.getAttribute(arguments[1]))", css, attr)
+
+
+def _text(browser, element_id: str) -> str:
+    return browser.execute_script("return document.getElementById(arguments[0]).innerText",
+                                  element_id)
 
 
 def _assert_not_blank(png: Path) -> None:
