@@ -1,5 +1,11 @@
-"""Shared fixtures: small models of every supported family, made once per test session."""
+"""Shared fixtures: small models of every supported family, made once per test session; a
+check that the run leaves nothing in the temporary folder."""
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
 
 import pytest
 
@@ -26,6 +32,44 @@ MODEL_SPECS = {
     "falcon-sequential": ModelSpec(arch="falcon", hidden=64, layers=4, heads=4, kv_heads=4,
                                    vocab=512, seed=8, extra_config={"parallel_attn": False}),
 }
+
+
+# what a test run must not leave in the temporary folder: our folders (a local cluster's, a vLLM
+# worker's, ...) and Chromium's (a profile, its singleton socket's folder, chromedriver's scoped
+# folders; Debian's Chromium names them org.chromium.Chromium.*, others with a leading dot)
+LEFTOVERS = ("hydraserve-", "org.chromium.", ".org.chromium.", "com.google.Chrome.",
+             ".com.google.Chrome.", "scoped_dir")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_in_the_temporary_folder(tmp_path_factory):
+    """The run's temporary folder is a fresh one of its own (TMPDIR, inherited by every process
+    it starts, so a run beside it cannot blur the count); what is left in it at the end by the
+    names of `LEFTOVERS` fails the run (an error at the last test's teardown). The folder goes
+    either way. pytest's own tmp_path folders stay where they are, kept as pytest keeps them."""
+    tmp_path_factory.getbasetemp()  # made now, in the temporary folder outside ours
+    before = os.environ.get("TMPDIR")
+    ours = tempfile.mkdtemp(prefix="hydraserve-tests-")
+    os.environ["TMPDIR"] = tempfile.tempdir = ours
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        tempfile.tempdir = None  # found again from the environment
+        left = sorted(n for n in os.listdir(ours) if n.startswith(LEFTOVERS))
+        for _ in range(10):  # a process that outlived its test may still be writing there
+            shutil.rmtree(ours, ignore_errors=True)
+            if not os.path.exists(ours):
+                break
+            time.sleep(0.5)
+    if left:
+        pytest.fail(f"the test run left {len(left)} folder(s) or file(s) in the temporary "
+                    f"folder: {', '.join(left)}", pytrace=False)
+    if os.path.exists(ours):
+        pytest.fail(f"the run's own temporary folder {ours} is still written to", pytrace=False)
 
 
 @pytest.fixture(scope="session")
