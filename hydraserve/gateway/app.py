@@ -49,6 +49,7 @@ class Gateway:
         self.preset = self.controller.preset
         self.metrics = Metrics(self.controller)
         self.tokenizers: dict[str, Tokenizer] = {}
+        self._prepared: dict[str, tuple[str, Tokenizer]] = {}  # see prepare
         self.created: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -87,8 +88,14 @@ class Gateway:
         """A standby takes over: at shutdown the cluster stays running (see `close`)."""
         self.handing_over = True
 
+    def prepare(self) -> None:
+        """Load the initial models' tokenizers now (a standby does this before it leads)."""
+        for m in self.initial_models:
+            self._prepared[m.name] = (m.path, Tokenizer.from_dir(m.path))
+
     async def register(self, entry: ModelConfigEntry) -> None:
-        self.tokenizers[entry.name] = Tokenizer.from_dir(entry.path)
+        path, tok = self._prepared.pop(entry.name, (None, None))
+        self.tokenizers[entry.name] = tok if path == entry.path else Tokenizer.from_dir(entry.path)
         self.controller.register(entry)
         self.created[entry.name] = int(time.time())
         if self.preset.warm_cache:

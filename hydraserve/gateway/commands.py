@@ -217,6 +217,8 @@ def _alive(pid: str) -> bool:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
+    import uvicorn  # noqa: F401 - imported before a standby waits: a takeover does not pay it
+
     from hydraserve.config import ModelConfigEntry, load_models
     from hydraserve.gateway.app import Gateway
     from hydraserve.gateway.leading import cluster_home, lead, listening_socket
@@ -233,6 +235,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     models = load_models(args.models) if args.models else [ModelConfigEntry(
         name=DEFAULT_MODEL, path=default_model(args.cache_root), ttft_slo_s=DEFAULT_TTFT_SLO_S)]
     gw = _gateway_config(args, vllm_python)
+    if backend is None:  # the local backend, for the final cluster config
+        log_dir = args.log_dir or _run_log_dir(args.cache_root, args.keep_logs)
+        log.info("logs of the store, the agents and the workers: %s", log_dir)
+        backend = build_backend(kind, cluster_cfg, log_dir=log_dir, token=args.cluster_token,
+                                home=None if home is None else str(home))
+    gateway = Gateway(gw, cluster_cfg, backend, models)
+    gateway.prepare()  # what a standby can do before it leads, so that a takeover is short
     if leadership is not None:
         stop = threading.Event()
         _stop_on_signals(stop)
@@ -245,12 +254,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
     sock = listening_socket(args.host, args.port)
     url = f"http://{args.host}:{sock.getsockname()[1]}"
-    if backend is None:  # the local backend, for the final cluster config
-        log_dir = args.log_dir or _run_log_dir(args.cache_root, args.keep_logs)
-        log.info("logs of the store, the agents and the workers: %s", log_dir)
-        backend = build_backend(kind, cluster_cfg, log_dir=log_dir, token=args.cluster_token,
-                                home=None if home is None else str(home))
-    gateway = Gateway(gw, cluster_cfg, backend, models)
     _run_server(gateway, sock, lambda: _print_ready(url, args, len(cluster_cfg.servers), models),
                 max(0.0, args.shutdown_grace), leadership, url)
     if gateway.handing_over:
