@@ -3,10 +3,15 @@ where no real API server can run (no package ships kube-apiserver; kind, k3s and
 download binaries or need Docker).
 
 The backend talks to it through the real `kubernetes` client over loopback HTTP. It serves the
-subset of the core/v1 REST API the backend and label_nodes.py use, with the API's semantics:
+subset of the core/v1 (and coordination.k8s.io/v1) REST API the backend, its leader election and
+label_nodes.py use, with the API's semantics:
 
 - nodes: list, get, patch (merge and strategic-merge patches of metadata/labels; a patch that
   names a stale ``metadata.resourceVersion`` is a 409 Conflict);
+- leases (``coordination.k8s.io/v1``) in a namespace: create (409 AlreadyExists, 422 Invalid
+  against the schema), get, list, watch, replace (PUT; a body whose ``metadata.resourceVersion``
+  is not the current one is a 409 Conflict, as is a patch's), patch and delete: what leader
+  election needs;
 - pods in a namespace: create (409 AlreadyExists; 422 Invalid when the pod does not validate
   against the official schema with kubernetes-validate in strict mode), get, list, watch,
   delete (with ``gracePeriodSeconds``: the pod gets ``deletionTimestamp`` and disappears once
@@ -135,6 +140,7 @@ class FakeKubernetes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.validate = validate
         self.calls: list[tuple[str, str]] = []  # (verb, resource) of every request
+        self.conflicts = 0  # 409 Conflict answers (stale resourceVersions)
         self.rv = itertools.count(1)
         self.version = 0
         self.objects: dict[tuple[str, str | None, str], dict] = {}
@@ -246,6 +252,10 @@ class FakeKubernetes:
     def pods(self) -> list[dict]:
         return [copy.deepcopy(o) for (k, _, _), o in self.objects.items() if k == "pods"]
 
+    def lease(self, ns: str, name: str) -> dict | None:
+        o = self.objects.get(("leases", ns, name))
+        return copy.deepcopy(o) if o else None
+
     def pod(self, ns: str, name: str) -> dict | None:
         o = self.objects.get(("pods", ns, name))
         return copy.deepcopy(o) if o else None
@@ -268,17 +278,22 @@ class FakeKubernetes:
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
         q = request.query
-        if parts[:2] != ["api", "v1"]:
-            raise ApiError(404, "NotFound", f"the server could not find the requested resource "
-                                            f"({request.method} {request.path})")
-        rest = parts[2:]
+        not_found = ApiError(404, "NotFound", f"the server could not find the requested "
+                                              f"resource ({request.method} {request.path})")
+        if parts[:2] == ["api", "v1"]:
+            rest, kinds = parts[2:], ("nodes", "pods")
+        elif parts[:3] == ["apis", "coordination.k8s.io", "v1"]:
+            rest, kinds = parts[3:], ("leases",)
+        else:
+            raise not_found
         ns = None
         if rest[:1] == ["namespaces"] and len(rest) >= 3:
             ns, rest = rest[1], rest[2:]
         kind, name, sub = (rest + [None, None, None])[:3]
-        if kind not in ("nodes", "pods") or (kind == "nodes") != (ns is None):
-            raise ApiError(404, "NotFound", f"the server could not find the requested resource "
-                                            f"({request.method} {request.path})")
+        if kind not in kinds or (kind == "nodes") != (ns is None):
+            raise not_found
+        if kind == "leases":
+            return await self._route_lease(request, ns, name, sub)
         watch = q.get("watch") in ("1", "true")
         verb = {"GET": "watch" if watch else ("get" if name else "list"), "POST": "create",
                 "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(request.method, "?")
@@ -300,6 +315,90 @@ class FakeKubernetes:
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported on "
                                                 f"{request.path} by this fake")
 
+    async def _route_lease(self, request: web.Request, ns: str, name: str | None,
+                           sub: str | None) -> web.StreamResponse:
+        q = request.query
+        watch = q.get("watch") in ("1", "true")
+        verb = {"GET": "watch" if watch else ("get" if name else "list"), "POST": "create",
+                "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(request.method, "?")
+        self.calls.append((verb, "leases"))
+        if sub is None and request.method == "GET" and not name:
+            return await self._watch(request, "leases", ns) if watch \
+                else self._list("leases", ns, q)
+        if sub is None and request.method == "GET":
+            return web.json_response(self._get("leases", ns, name))
+        if sub is None and request.method == "POST" and not name:
+            return web.json_response(self._create_lease(ns, await request.json()), status=201)
+        if sub is None and request.method == "PUT" and name:
+            return web.json_response(self._replace("leases", ns, name, await request.json()))
+        if sub is None and request.method == "PATCH" and name:
+            return web.json_response(self._patch("leases", ns, name, await request.json()))
+        if sub is None and request.method == "DELETE" and name:
+            obj = copy.deepcopy(self._get("leases", ns, name))
+            return web.json_response(self._put("leases", ns, obj, "DELETED"))
+        raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported on "
+                                                f"{request.path} by this fake")
+
+    def _check_new(self, kind: str, ns: str, obj: dict) -> str:
+        """The name of an object to create in ``ns``, after the API's checks (name, namespace,
+        the strict schema); 409 when it exists."""
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        name = meta.get("name")
+        if not name or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+            raise ApiError(422, "Invalid", f'{obj.get("kind")} "{name}" is invalid: '
+                                           "metadata.name: Invalid value: a lowercase RFC 1123 "
+                                           "subdomain must consist of lower case alphanumeric "
+                                           "characters, '-' or '.'")
+        if meta.get("namespace", ns) != ns:
+            raise ApiError(400, "BadRequest", "the namespace of the provided object does not "
+                                              "match the namespace sent on the request")
+        self._validate(obj)
+        if (kind, ns, name) in self.objects:
+            raise ApiError(409, "AlreadyExists", f'{kind} "{name}" already exists',
+                           {"name": name, "kind": kind})
+        return name
+
+    def _validate(self, obj: dict) -> None:
+        if self.validate:
+            import kubernetes_validate
+
+            try:
+                kubernetes_validate.validate(obj, "1.33", strict=True)
+            except kubernetes_validate.ValidationError as e:
+                raise ApiError(422, "Invalid", f'{obj.get("kind")} '
+                                               f'"{obj["metadata"].get("name")}" is invalid: '
+                                               f"{str(e).splitlines()[0]}") from None
+
+    def _create_lease(self, ns: str, lease: dict) -> dict:
+        self._check_new("leases", ns, lease)
+        lease["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now())
+        lease["metadata"].pop("resourceVersion", None)
+        return self._put("leases", ns, lease, "ADDED")
+
+    def _replace(self, kind: str, ns: str | None, name: str, obj: dict) -> dict:
+        """PUT: the whole object anew; a ``metadata.resourceVersion`` that is not the current
+        one is a 409 Conflict (optimistic concurrency), none replaces unconditionally."""
+        old = self._get(kind, ns, name)
+        meta = obj.setdefault("metadata", {})
+        if meta.get("name", name) != name:
+            raise ApiError(400, "BadRequest", "the name of the object does not match the name "
+                                              "on the URL")
+        want = meta.get("resourceVersion")
+        if want and want != old["metadata"]["resourceVersion"]:
+            raise self._conflict(kind, name)
+        self._validate(obj)
+        meta.update(name=name, namespace=ns, uid=old["metadata"]["uid"],
+                    creationTimestamp=old["metadata"]["creationTimestamp"])
+        return self._put(kind, ns, obj, "MODIFIED")
+
+    def _conflict(self, kind: str, name: str) -> ApiError:
+        self.conflicts += 1
+        return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {kind} "{name}": the '
+                                         "object has been modified; please apply your changes "
+                                         "to the latest version and try again")
+
     def _get(self, kind: str, ns: str | None, name: str) -> dict:
         obj = self.objects.get((kind, ns, name))
         if obj is None:
@@ -315,8 +414,10 @@ class FakeKubernetes:
                 and labels(o["metadata"].get("labels")) and fields(o)]
 
     def _list(self, kind: str, ns: str | None, q) -> web.Response:
-        return web.json_response({"apiVersion": "v1",
-                                  "kind": "NodeList" if kind == "nodes" else "PodList",
+        return web.json_response({"apiVersion": "coordination.k8s.io/v1" if kind == "leases"
+                                  else "v1",
+                                  "kind": {"nodes": "NodeList", "pods": "PodList",
+                                           "leases": "LeaseList"}[kind],
                                   "metadata": {"resourceVersion": str(self.version)},
                                   "items": self._select(kind, ns, q)})
 
@@ -371,36 +472,14 @@ class FakeKubernetes:
         obj = copy.deepcopy(self._get(kind, ns, name))
         want = (patch.get("metadata") or {}).get("resourceVersion")
         if want is not None and want != obj["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {kind} "{name}": '
-                                            "the object has been modified; please apply your "
-                                            "changes to the latest version and try again")
+            raise self._conflict(kind, name)
         patch = copy.deepcopy(patch)
         (patch.get("metadata") or {}).pop("resourceVersion", None)
         return self._put(kind, ns, merge_patch(obj, patch), "MODIFIED")
 
     def _create_pod(self, ns: str, pod: dict) -> dict:
-        meta = pod.setdefault("metadata", {})
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-        name = meta.get("name")
-        if not name or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
-            raise ApiError(422, "Invalid", f'Pod "{name}" is invalid: metadata.name: Invalid '
-                                           "value: a lowercase RFC 1123 subdomain must consist "
-                                           "of lower case alphanumeric characters, '-' or '.'")
-        if meta.get("namespace", ns) != ns:
-            raise ApiError(400, "BadRequest", "the namespace of the provided object does not "
-                                              "match the namespace sent on the request")
-        if self.validate:
-            import kubernetes_validate
-
-            try:
-                kubernetes_validate.validate(pod, "1.33", strict=True)
-            except kubernetes_validate.ValidationError as e:
-                raise ApiError(422, "Invalid", f'Pod "{name}" is invalid: '
-                                               f"{str(e).splitlines()[0]}") from None
-        if ("pods", ns, name) in self.objects:
-            raise ApiError(409, "AlreadyExists", f'pods "{name}" already exists',
-                           {"name": name, "kind": "pods"})
+        name = self._check_new("pods", ns, pod)
+        meta = pod["metadata"]
         if len(pod["spec"].get("containers", [])) != 1:
             raise ApiError(422, "Invalid", "this fake runs pods of exactly one container")
         meta.update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now())
