@@ -20,7 +20,7 @@ import yaml
 from hydraserve.cli import build_parser
 from hydraserve.cluster.base import WorkerSpec, worker_args
 from hydraserve.cluster.k8s_render import TOKEN_ENV, worker_pod
-from hydraserve.config import KubernetesConfig
+from hydraserve.config import ClusterConfig, KubernetesConfig
 from hydraserve.config import cluster_from_dict, models_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,8 @@ def _rules(d: dict) -> set[tuple[str, str, str]]:
 def test_rbac_is_exact():
     role, crole = _one("Role", "hydraserve-gateway"), _one("ClusterRole", "hydraserve-nodes")
     assert _rules(role) == {("", "pods", v) for v in ("create", "get", "list", "watch",
-                                                     "delete")} | {("", "pods/log", "get")}
+                                                     "delete")} | {("", "pods/log", "get")} | {
+        ("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
     assert _rules(crole) == {("", "nodes", v) for v in ("get", "list", "patch")}
     rbac = [d for _, d in DOCS if d["apiVersion"].startswith("rbac.")]
     assert sorted((d["kind"], d["metadata"]["name"]) for d in rbac) == [
@@ -273,11 +274,13 @@ def test_example_worker_pod_is_what_the_backend_starts():
     pod = _one("Pod", "hs-llama-2-7b-3-r0-5f3a9c")
     spec_ = WorkerSpec(worker_id="llama-2-7b-3-r0", model="llama-2-7b", node="gpu-node-1",
                        rank=0, p=2, layers=(0, 16), all_card=True, num_kv_blocks=1024,
+                       instance="llama-2-7b-3", gpu=0, claim_gb=19.0,
                        device="cuda", dtype="float16", gpu_memory_gb=19.0)
     agent = f"http://10.244.1.7:{AGENT_PORT}"
     kcfg = KubernetesConfig(**{k: v for k, v in K8S_KEYS.items()
                                if k in {f.name for f in dataclasses.fields(KubernetesConfig)}})
-    built = worker_pod(spec_, kcfg, agent, True, run="5f3a9c")
+    grace = ClusterConfig(servers=()).orphan_grace_s  # the default the backend passes
+    built = worker_pod(spec_, kcfg, agent, True, run="5f3a9c", orphan_grace=grace)
     assert pod == {**built, "metadata": {**built["metadata"], "namespace": NAMESPACE}}
     spec, c = pod["spec"], _container(pod)
     _check_dev_shm(spec, c)
@@ -286,7 +289,10 @@ def test_example_worker_pod_is_what_the_backend_starts():
     assert _ports(c) == {"http": WORKER_PORT, "stage": STAGE_PORT}
     assert c["resources"]["limits"] == {K8S_KEYS["share_resource"]: "19"}
     assert c["args"] == worker_args(spec_, agent) + [
-        "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--stage-port", str(STAGE_PORT)]
+        "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--stage-port", str(STAGE_PORT),
+        "--orphan-grace", f"{grace:g}"]
+    assert WorkerSpec.from_json(json.loads(pod["metadata"]["annotations"]["hydraserve.io/spec"])) \
+        == spec_
     args = _parse(c)
     assert (args.command, args.model, args.rank, args.p, args.agent, args.port,
             args.stage_port) == ("worker", "llama-2-7b", 0, 2, agent, WORKER_PORT, STAGE_PORT)

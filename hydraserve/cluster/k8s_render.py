@@ -1,5 +1,6 @@
 """What the Kubernetes backend sends and reads, as plain dicts: the worker pod it creates for a
-`WorkerSpec`, the servers it reads from labelled nodes, and what a pod's status says. No API
+`WorkerSpec`, the servers it reads from labelled nodes, what a pod's status says, and whether a
+worker pod an earlier gateway left can be adopted. No API
 calls and no threads here (hydraserve.cluster.kubernetes makes those), so every rule about
 names, labels and claims is testable on its own and the manifests' example is written from it.
 
@@ -11,20 +12,26 @@ The labels scripts/kubernetes/label_nodes.py sets on a node:
     hydraserve.io/cache-gb   its host-memory model cache
     GPUs: capacity nvidia.com/gpu and NVIDIA feature discovery's nvidia.com/gpu.memory (MiB),
     or hydraserve.io/gpus and hydraserve.io/gpu-memory-gb where feature discovery is absent.
+
+A worker pod is its own record (the cluster is the record: a gateway that starts adopts what
+runs): the annotation hydraserve.io/spec holds its `WorkerSpec` as JSON, and labels name its
+gateway, worker id, instance, model and rank, for selectors and for people.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 
 from hydraserve.config import ConfigError, KubernetesConfig, ServerConfig
-from hydraserve.protocol import WorkerSpec, worker_args
+from hydraserve.protocol import ProtocolError, WorkerSpec, worker_args
 
 PART_OF = "app.kubernetes.io/part-of"
 COMPONENT = "app.kubernetes.io/component"
 GATEWAY = "hydraserve.io/gateway"
 WORKER_ID = "hydraserve.io/worker-id"
+INSTANCE = "hydraserve.io/instance"
 MODEL = "hydraserve.io/model"
 RANK = "hydraserve.io/rank"
 NODE_SHARE = "hydraserve.io/share"
@@ -34,6 +41,7 @@ NODE_GPUS = "hydraserve.io/gpus"
 NODE_GPU_MEMORY = "hydraserve.io/gpu-memory-gb"
 GFD_GPU_MEMORY = "nvidia.com/gpu.memory"  # MiB per GPU (NVIDIA GPU feature discovery)
 GPU_CAPACITY = "nvidia.com/gpu"
+SPEC = "hydraserve.io/spec"  # annotation: the worker's WorkerSpec as JSON
 
 # the optional cluster token (hydraserve.cli.CLUSTER_TOKEN_ENV) from the Secret the manifests name
 TOKEN_ENV = {"name": "HYDRASERVE_CLUSTER_TOKEN", "valueFrom": {"secretKeyRef": {
@@ -91,15 +99,19 @@ def servers_from_nodes(nodes: list[dict], kcfg: KubernetesConfig) -> tuple[
 
 
 def worker_pod(spec: WorkerSpec, kcfg: KubernetesConfig, agent_url: str, share: bool,
-               run: str = "0") -> dict:
+               run: str = "0", orphan_grace: float | None = None) -> dict:
     """The pod that runs ``spec``: the local backend's worker command, bound to the pod's IP,
-    pinned to ``spec.node``, claiming its GPU share."""
+    pinned to ``spec.node``, claiming its GPU share, carrying the spec it runs (`pod_spec`
+    reads it back). With ``orphan_grace`` the worker holds an in-memory lease
+    (`hydraserve.lease`): it exits by itself once its gateway has not called its ``POST
+    /lease`` for that many seconds."""
     if spec.engine == "vllm":  # the image's own Python has vLLM
-        args = worker_args(dataclasses.replace(spec, vllm_python=None), agent_url)
-    else:
-        args = worker_args(spec, agent_url)
+        spec = dataclasses.replace(spec, vllm_python=None)
+    args = worker_args(spec, agent_url)
     args += ["--host", "$(POD_IP)", "--port", str(kcfg.worker_port),
              "--stage-port", str(kcfg.stage_port)]
+    if orphan_grace is not None:
+        args += ["--orphan-grace", f"{orphan_grace:g}"]
     limits: dict[str, str] = {}
     if share and kcfg.share_resource:
         gb = spec.gpu_memory_gb or kcfg.share_unit_gb
@@ -122,12 +134,15 @@ def worker_pod(spec: WorkerSpec, kcfg: KubernetesConfig, agent_url: str, share: 
     }
     if limits:
         container["resources"] = {"limits": limits}
+    labels = {PART_OF: "hydraserve", COMPONENT: "worker", GATEWAY: label_value(kcfg.gateway_name),
+              WORKER_ID: label_value(spec.worker_id), MODEL: label_value(spec.model),
+              RANK: str(spec.rank)}
+    if spec.instance:
+        labels[INSTANCE] = label_value(spec.instance)
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod_name(spec.worker_id, run), "labels": {
-            PART_OF: "hydraserve", COMPONENT: "worker", GATEWAY: label_value(kcfg.gateway_name),
-            WORKER_ID: label_value(spec.worker_id), MODEL: label_value(spec.model),
-            RANK: str(spec.rank)}},
+        "metadata": {"name": pod_name(spec.worker_id, run), "labels": labels,
+                     "annotations": {SPEC: json.dumps(spec.to_json(), sort_keys=True)}},
         "spec": {
             "restartPolicy": "Never",
             "hostIPC": True,
@@ -158,6 +173,33 @@ def pod_ready(pod: dict) -> bool:
 
 def pod_phase(pod: dict) -> str:
     return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def pod_spec(pod: dict) -> WorkerSpec | None:
+    """The `WorkerSpec` a worker pod carries (None: no annotation, or one that does not read)."""
+    raw = (pod["metadata"].get("annotations") or {}).get(SPEC)
+    if not raw:
+        return None
+    try:
+        return WorkerSpec.from_json(json.loads(raw))
+    except (ProtocolError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def unadoptable(pod: dict) -> str | None:
+    """Why a gateway that starts cannot adopt this worker pod (None: it can). It adopts a pod
+    that is Ready (its worker's /health answers) at an address, not being deleted, and carries
+    a readable spec; anything else (still Pending or not yet Ready, ended, being deleted, an
+    unreadable spec) it deletes: a half-started worker's instance is rebuilt by a cold start."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return "it is being deleted"
+    if pod_phase(pod) in ("Failed", "Succeeded"):
+        return f"it is {pod_phase(pod)}"
+    if pod_spec(pod) is None:
+        return f"its {SPEC} annotation is missing or unreadable"
+    if not pod_ready(pod):
+        return f"it is {pod_phase(pod)} and not Ready"
+    return None
 
 
 def component(pod: dict) -> str | None:

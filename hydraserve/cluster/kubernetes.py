@@ -12,8 +12,16 @@ affinity, and claims its GPU share as an extended resource (``gpu_resource`` for
 ``share_resource`` in units of ``share_unit_gb`` for GPUs shared by memory). One watch on the
 namespace's HydraServe pods keeps the backend's view current (a 410 Gone relists); a worker is
 ready when its pod is Ready (its readiness probe is the worker's /health) and its control API
-answers. Worker pods carry this gateway's name as a label, and those left by a gateway that
-crashed are deleted at start.
+answers.
+
+The cluster is the record: a worker pod carries this gateway's name as a label and its
+`WorkerSpec` as an annotation (`k8s_render`), and nothing is deleted at start. A gateway that
+starts (after a crash, or a standby taking over) calls `list_workers`: it adopts every Ready
+worker pod of its gateway name and deletes those it cannot adopt. Each worker pod holds an
+in-memory lease (``--orphan-grace``) that `renew_lease` renews over HTTP (``POST /lease``,
+`http_lease`): a pod whose gateway is gone for longer than the grace, with no successor to adopt
+it, exits by itself. `detach` leaves every pod running for the successor; `close` deletes this
+gateway's worker pods.
 """
 from __future__ import annotations
 
@@ -27,17 +35,21 @@ import time
 
 from hydraserve.cluster.base import WorkerError, WorkerSpec, model_weights_gb
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
-from hydraserve.cluster.k8s_render import (COMPONENT, GATEWAY, NODE_SHARE, PART_OF, component,
-                                           label_value, pod_phase, pod_problem, pod_ready,
-                                           servers_from_nodes, worker_pod)
+from hydraserve.cluster.http_lease import HttpLeases
+from hydraserve.cluster.k8s_render import (COMPONENT, GATEWAY, NODE_SHARE, PART_OF, WORKER_ID,
+                                           component, label_value, pod_phase, pod_problem,
+                                           pod_ready, pod_spec, servers_from_nodes, unadoptable,
+                                           worker_pod)
 from hydraserve.config import ClusterConfig, ConfigError, KubernetesConfig, ServerConfig
 
 log = logging.getLogger("hydraserve.cluster")
 
-# every (resource, verb) this backend calls; the Role in scripts/kubernetes/manifests/rbac.yaml
-# grants exactly these (plus nodes/patch, for label_nodes.py), and a test holds them equal
+# every (resource, verb) this backend and its leader election (k8s_leader) call; the Role in
+# scripts/kubernetes/manifests/rbac.yaml grants exactly these (plus nodes/patch, for
+# label_nodes.py), and a test holds them equal
 VERBS = frozenset({("nodes", "list"), ("pods", "create"), ("pods", "get"), ("pods", "list"),
-                   ("pods", "watch"), ("pods", "delete"), ("pods/log", "get")})
+                   ("pods", "watch"), ("pods", "delete"), ("pods/log", "get"),
+                   ("leases", "get"), ("leases", "create"), ("leases", "update")})
 
 
 class KubernetesCluster(HttpServices):
@@ -53,6 +65,7 @@ class KubernetesCluster(HttpServices):
         self.ns = self.kcfg.namespace
         self.core = client.CoreV1Api(api_client)
         self._api = HttpApi(token)  # the cluster token, if the pods have one
+        self._leases = HttpLeases(self._api, cfg.orphan_grace_s / 4)
         self._pods: dict[str, dict] = {}  # name -> pod, HydraServe's pods in the namespace
         self._ever: set[str] = set()  # names of every pod the watch has shown
         self._cv = threading.Condition()
@@ -85,13 +98,8 @@ class KubernetesCluster(HttpServices):
 
     # -- start and the watch ---------------------------------------------------------------------
     def start(self) -> None:
-        workers = self._raw(self.core.list_namespaced_pod, self.ns, label_selector=(
-            f"{COMPONENT}=worker,{GATEWAY}={label_value(self.kcfg.gateway_name)}"))["items"]
-        for pod in workers:
-            self._delete(pod["metadata"]["name"])
-        if workers:
-            log.warning("deleted %d worker pod(s) left by an earlier gateway %r", len(workers),
-                        self.kcfg.gateway_name)
+        """Start the watch and wait for the store and every node's agent; worker pods an
+        earlier gateway left keep running (`list_workers` adopts them)."""
         self._thread = threading.Thread(target=self._watch_loop, daemon=True,
                                         name="hydraserve-kube-watch")
         self._thread.start()
@@ -226,7 +234,8 @@ class KubernetesCluster(HttpServices):
     def _start_worker(self, spec: WorkerSpec) -> None:
         from kubernetes.client.rest import ApiException
 
-        body = worker_pod(spec, self.kcfg, self.agent_url(spec.node), self.share, self._run)
+        body = worker_pod(spec, self.kcfg, self.agent_url(spec.node), self.share, self._run,
+                          orphan_grace=self.cfg.orphan_grace_s)
         name = body["metadata"]["name"]
         try:
             self.core.create_namespaced_pod(self.ns, body, _request_timeout=30)
@@ -314,17 +323,87 @@ class KubernetesCluster(HttpServices):
                     self._thread is not None and self._thread.is_alive():
                 self._cv.wait(min(1.0, deadline - time.monotonic()))
 
+    # -- adoption and leases ----------------------------------------------------------------
+    async def list_workers(self) -> dict[str, HttpWorker]:
+        """A client by worker id for every Ready worker pod of this gateway name, whoever
+        created it; the worker pods of others that cannot be adopted
+        (`k8s_render.unadoptable`) are deleted (those this backend started itself are left to
+        wait_worker and stop_worker)."""
+        loop = asyncio.get_running_loop()
+        ips = await loop.run_in_executor(None, self._adopt)
+        return {wid: HttpWorker(self._api, f"http://{ip}:{self.kcfg.worker_port}", host=ip)
+                for wid, ip in ips.items()}
+
+    def _adopt(self) -> dict[str, str]:
+        pods = self._raw(self.core.list_namespaced_pod, self.ns, label_selector=(
+            f"{COMPONENT}=worker,{GATEWAY}={label_value(self.kcfg.gateway_name)}"))["items"]
+        ours = set(self._workers.values())
+        ips = {}
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            why = unadoptable(pod)
+            spec = pod_spec(pod)
+            if why is None and spec is not None and self._workers.get(spec.worker_id, name) != name:
+                why = f"worker id {spec.worker_id} is another pod's"
+            if why is not None and name in ours:
+                continue  # started by this backend, not ready (yet): wait_worker, stop_worker
+            if why is not None:
+                wid = (pod["metadata"].get("labels") or {}).get(WORKER_ID, "?")
+                log.warning("worker pod %s (worker %s) cannot be adopted: %s; deleting it",
+                            name, wid, why)
+                self._delete(name)
+                continue
+            assert spec is not None  # unadoptable() checked it
+            self._workers[spec.worker_id] = name
+            with self._cv:
+                if name not in self._ever:  # listed before the watch showed it
+                    self._pods[name] = pod
+                    self._ever.add(name)
+            ips[spec.worker_id] = pod["status"]["podIP"]
+            if name not in ours:
+                log.info("worker %s: adopted pod %s on %s", spec.worker_id, name,
+                         pod["spec"].get("nodeName"))
+        return ips
+
+    def renew_lease(self) -> None:
+        """Renew the lease of every worker pod this backend knows (started or adopted), at most
+        every orphan_grace_s / 4, in a task on the running loop: returns at once."""
+        if not self._closing.is_set():
+            self._leases.renew(self._lease_urls)
+
+    def _lease_urls(self) -> list[str]:
+        with self._cv:
+            pods = [self._pods.get(n) for n in list(self._workers.values())]
+        return [f"http://{p['status']['podIP']}:{self.kcfg.worker_port}" for p in pods
+                if p is not None and (p.get("status") or {}).get("podIP")
+                and not p["metadata"].get("deletionTimestamp")]
+
+    # -- the end -----------------------------------------------------------------------------
     async def aclose(self) -> None:
+        await self._leases.aclose()
         await self._api.close()
 
+    def detach(self) -> None:
+        """Stop the watch and leave every pod running: the gateway that takes over adopts the
+        worker pods (`list_workers`) while their leases last."""
+        n = len(self._workers)
+        self._workers.clear()
+        self._stop_watch()
+        log.info("kubernetes cluster: detached; %d worker pod(s) left running for the next "
+                 "gateway", n)
+
     def close(self) -> None:
-        for wid in list(self._workers):
-            name = self._workers.pop(wid)
+        """Delete the worker pods this backend started or adopted and wait until they are gone
+        (a standby's backend knows none: it never deletes the leader's)."""
+        names = list(self._workers.values())
+        self._workers.clear()
+        for name in names:
             self._delete(name)
-        with self._cv:
-            names = [n for n, p in self._pods.items() if component(p) == "worker"]
         for name in names:
             self._wait_gone(name, self.kcfg.grace_period_s + 10)
+        self._stop_watch()
+
+    def _stop_watch(self) -> None:
         self._closing.set()
         if self._watch is not None:
             self._watch.stop()
