@@ -8,6 +8,7 @@ test)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -159,6 +160,12 @@ def test_a_whole_model_worker_serves_refuses_and_stops(backend, run, model_dirs)
         s = spec("w-full", "n0", 0, 1, (0, 4), True, model_dirs["llama"])
         (client,) = await start(backend, [s])
         assert backend.worker_alive("w-full")
+        # the cluster is the record: what runs is listed, with the spec it was started as
+        listed = await backend.list_workers()
+        assert list(listed) == ["w-full"] and (await listed["w-full"].health()).spec == s
+        t0 = time.perf_counter()
+        backend.renew_lease()  # on every tick of the control plane's loop: it never blocks
+        assert time.perf_counter() - t0 < 0.05
         got = await tokens(client)
         assert len(got) == 6 and got == await tokens(client)  # greedy: the same again
         with pytest.raises(WorkerError) as bad:
@@ -167,6 +174,7 @@ def test_a_whole_model_worker_serves_refuses_and_stops(backend, run, model_dirs)
         await client.stop()
         await backend.stop_worker("w-full")
         assert not backend.worker_alive("w-full")
+        assert await backend.list_workers() == {}
         await backend.stop_worker("w-full")  # stopping twice is fine
         await backend.aclose()
         return got

@@ -9,9 +9,11 @@ are in test_kubernetes_real.py (opt-in). Never does CI talk to a real API server
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.client
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +39,7 @@ from kubefake import (FakeKubernetes, hydraserve_nodes, service_pods,  # noqa: E
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = WorkerSpec(worker_id="Llama_2-7B.chat-12-r1", model="Llama_2-7B.chat", node="gpu-3",
                   rank=1, p=2, layers=(16, 32), all_card=True, num_kv_blocks=512,
+                  instance="Llama_2-7B.chat-12", gpu=2, claim_gb=6.7,
                   device="cuda", dtype="float16", gpu_memory_gb=13.4)
 
 
@@ -82,11 +85,16 @@ def test_worker_pods_are_valid_and_claim_their_gpu(share, engine, kcfg, claim):
     from hydraserve.cli import build_parser
 
     spec = dataclasses.replace(SPEC, engine=engine, vllm_python="/somewhere/python")
-    pod = render.worker_pod(spec, kcfg, "http://10.0.0.7:8101", share, run="a1b2c3")
+    pod = render.worker_pod(spec, kcfg, "http://10.0.0.7:8101", share, run="a1b2c3",
+                            orphan_grace=45.0)
     kubernetes_validate.validate(pod, "1.33", strict=True)
     meta, c = pod["metadata"], pod["spec"]["containers"][0]
     assert meta["name"] == "hs-llama-2-7b-chat-12-r1-a1b2c3"
     assert meta["labels"][render.WORKER_ID] == "Llama_2-7B.chat-12-r1"
+    assert meta["labels"][render.INSTANCE] == "Llama_2-7B.chat-12"
+    # the pod is its own record: the spec it runs, read back whole
+    assert render.pod_spec(pod) == (dataclasses.replace(spec, vllm_python=None)
+                                    if engine == "vllm" else spec)
     assert meta["labels"][render.GATEWAY] == "hydraserve" and meta["labels"][render.RANK] == "1"
     assert pod["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
@@ -101,6 +109,35 @@ def test_worker_pods_are_valid_and_claim_their_gpu(share, engine, kcfg, claim):
                                                            "http://10.0.0.7:8101")
     assert ns.layers == "16:32" and ns.all_card and ns.dtype == "float16"
     assert ns.vllm_python is None  # a vLLM image's own Python, never the gateway's
+    assert (ns.orphan_grace, ns.lease) == (45.0, None)  # an in-memory lease: POST /lease
+    assert (ns.instance, ns.gpu, ns.claim_gb) == ("Llama_2-7B.chat-12", 2, 6.7)
+
+
+def test_which_worker_pods_a_gateway_adopts():
+    """Adopted: Ready, at an address, not being deleted, with a readable spec; anything else
+    is deleted by the gateway that starts."""
+    pod = render.worker_pod(SPEC, KubernetesConfig(), "http://10.0.0.7:8101", True)
+    ready = {"phase": "Running", "podIP": "10.0.0.9",
+             "conditions": [{"type": "Ready", "status": "True"}]}
+    ok = {**pod, "status": ready}
+    assert render.unadoptable(ok) is None and render.pod_spec(ok) == SPEC
+    cases = [  # (the pod, what the reason says)
+        ({**pod, "status": {"phase": "Pending"}}, "Pending and not Ready"),
+        ({**pod, "status": {**ready, "conditions": [{"type": "Ready", "status": "False"}]}},
+         "Running and not Ready"),
+        ({**pod, "status": {**ready, "phase": "Failed"}}, "Failed"),
+        ({**pod, "status": {**ready, "phase": "Succeeded"}}, "Succeeded"),
+        ({**ok, "metadata": {**pod["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z"}},
+         "being deleted"),
+        ({**ok, "metadata": {**pod["metadata"], "annotations": {}}}, "missing or unreadable"),
+        ({**ok, "metadata": {**pod["metadata"], "annotations": {  # not a whole spec
+            render.SPEC: '{"worker_id": "x"}'}}}, "missing or unreadable"),
+        ({**ok, "metadata": {**pod["metadata"], "annotations": {render.SPEC: "{"}}},
+         "missing or unreadable"),
+    ]
+    for p, says in cases:
+        why = render.unadoptable(p)
+        assert why is not None and says in why, (says, why)
 
 
 def test_pod_names_and_label_values_are_always_valid():
@@ -180,13 +217,41 @@ def test_the_fake_speaks_the_api_errors_the_client_sees(fake, tmp_path):
                                       resource_version="1", timeout_seconds=5):
             pass
     assert e.value.status == 410
+    # Leases (leader election's): AlreadyExists, Conflict on a stale resourceVersion (replace
+    # and patch), list, delete
+    coord = client.CoordinationV1Api(core.api_client)
+    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l1"},
+             "spec": {"holderIdentity": "x", "leaseDurationSeconds": 5}}
+    rv = coord.create_namespaced_lease("hydraserve", lease).metadata.resource_version
+    with pytest.raises(ApiException) as e:
+        coord.create_namespaced_lease("hydraserve", lease)
+    assert e.value.status == 409 and json.loads(e.value.body)["reason"] == "AlreadyExists"
+    took = {**lease, "metadata": {"name": "l1", "resourceVersion": rv},
+            "spec": {"holderIdentity": "y", "leaseDurationSeconds": 5}}
+    assert coord.replace_namespaced_lease("l1", "hydraserve", took).spec.holder_identity == "y"
+    with pytest.raises(ApiException) as e:  # rv is stale now
+        coord.replace_namespaced_lease("l1", "hydraserve",
+                                       {**took, "spec": {"holderIdentity": "z"}})
+    assert e.value.status == 409 and json.loads(e.value.body)["reason"] == "Conflict"
+    with pytest.raises(ApiException) as e:
+        coord.patch_namespaced_lease("l1", "hydraserve", {"metadata": {"resourceVersion": rv},
+                                                          "spec": {"holderIdentity": "z"}})
+    assert e.value.status == 409
+    coord.patch_namespaced_lease("l1", "hydraserve", {"spec": {"holderIdentity": "w"}})
+    assert [(x.metadata.name, x.spec.holder_identity) for x in
+            coord.list_namespaced_lease("hydraserve").items] == [("l1", "w")]
+    coord.delete_namespaced_lease("l1", "hydraserve")
+    with pytest.raises(ApiException) as e:
+        coord.read_namespaced_lease("l1", "hydraserve")
+    assert e.value.status == 404
 
 
-def test_the_watch_relists_after_410_and_orphans_are_deleted(fake, tmp_path, model_dirs,
-                                                             monkeypatch):
+def test_the_watch_relists_after_410_and_unadoptable_pods_are_deleted(fake, tmp_path,
+                                                                      model_dirs, monkeypatch):
     (tmp_path / "models").mkdir()
     start_hydraserve(fake, CFG, str(tmp_path / "models"))
-    # a worker pod of a gateway that crashed, and one of another gateway
+    # a worker pod of a gateway that crashed, never Ready (no worker answers its probe), and
+    # one of another gateway
     for gw in ("hydraserve", "other"):
         pod = render.worker_pod(dataclasses.replace(SPEC, node="n0", device="cpu"),
                               dataclasses.replace(CFG.kubernetes, gateway_name=gw),
@@ -202,7 +267,10 @@ def test_the_watch_relists_after_410_and_orphans_are_deleted(fake, tmp_path, mod
         names = lambda: sorted(p["metadata"]["name"] for p in fake.call(fake.pods)  # noqa: E731
                                if p["metadata"]["labels"].get(render.COMPONENT) == "worker"
                                and not p["metadata"].get("deletionTimestamp"))
-        assert names() == [render.pod_name(SPEC.worker_id, "other")]
+        both = [render.pod_name(SPEC.worker_id, gw) for gw in ("hydraserve", "other")]
+        assert names() == both  # the cluster is the record: nothing is deleted at start
+        assert asyncio.run(backend.list_workers()) == {}  # not Ready: deleted, not adopted
+        assert names() == both[1:]  # another gateway's pod is not this one's business
         assert sorted(backend.agent_urls()) == ["n0", "n1", "n2"]
         # compaction: the next watch gets 410 Gone; the backend lists again and sees an agent
         # that was replaced meanwhile (a new pod, a new address)
@@ -227,6 +295,187 @@ def test_the_watch_relists_after_410_and_orphans_are_deleted(fake, tmp_path, mod
             pytest.fail("the backend never saw the new agent")
     finally:
         backend.close()
+
+
+def _tick(backend) -> "asyncio.Task":
+    """The control plane's tick, as far as leases go: renew_lease every 0.1 s on the loop."""
+    async def tick():
+        while True:
+            backend.renew_lease()
+            await asyncio.sleep(0.1)
+    return asyncio.get_running_loop().create_task(tick())
+
+
+@pytest.mark.multiprocess
+def test_worker_pods_outlive_their_gateway_and_the_next_one_adopts_them(fake, tmp_path,
+                                                                        model_dirs):
+    """The cluster is the record: gateway A starts a worker pod and detaches (a crash, a
+    handover); gateway B on the same cluster adopts it from the pod alone (its spec
+    annotation), renews its lease through the worker's own POST /lease without blocking its
+    loop, and stops it. A pod of the gateway that cannot be adopted (its container was
+    killed: Failed) is deleted."""
+    from hydraserve.engine.config import EngineConfig, ModelConfig, num_kv_blocks
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m").symlink_to(Path(model_dirs["llama"]).resolve())
+    start_hydraserve(fake, CFG, str(tmp_path / "models"))
+    cfg = dataclasses.replace(CFG, orphan_grace_s=12.0)  # renewals at most every 3 s
+    kc = str(fake.write_kubeconfig(tmp_path / "kc"))
+    blocks = num_kv_blocks(ModelConfig.from_dir(model_dirs["llama"]), EngineConfig(kv_cache_mb=8))
+    spec = WorkerSpec(worker_id="m-7-r0", model="m", node="n1", rank=0, p=1, layers=(0, 4),
+                      all_card=True, num_kv_blocks=blocks, instance="m-7", gpu=0, claim_gb=0.4)
+    dead = render.worker_pod(dataclasses.replace(spec, worker_id="m-8-r0", node="n0"),
+                             cfg.kubernetes, "http://127.0.0.1:9", True, run="old")
+    dead["spec"]["containers"][0].update(command=["sleep", "60"], args=[])
+    fake.call(fake._create_pod, "hydraserve", dead)
+    dead = dead["metadata"]["name"]
+    a = kube.KubernetesCluster(cfg, kube.api_client(kc))
+    b = None
+    try:
+        a.start()
+
+        async def gateway_a() -> None:
+            await a.start_worker(spec)
+            ticking = _tick(a)
+            try:
+                client = await a.wait_worker(spec.worker_id, 120)
+                assert (await client.health()).spec == spec
+            finally:
+                ticking.cancel()
+                await a.aclose()
+
+        asyncio.run(gateway_a())
+        fake.call(fake.kill_pod_process, "hydraserve", dead)
+        deadline = time.monotonic() + 30
+        while fake.call(fake.pod, "hydraserve", dead)["status"]["phase"] != "Failed":
+            assert time.monotonic() < deadline, "the killed pod never failed"
+            time.sleep(0.1)
+        a.detach()
+        name = render.pod_name(spec.worker_id, a._run)
+        pod = fake.call(fake.pod, "hydraserve", name)
+        assert pod is not None and not pod["metadata"].get("deletionTimestamp")  # left running
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("--orphan-grace") + 1] == "12"
+
+        b = kube.KubernetesCluster(cfg, kube.api_client(kc))
+        b.start()
+        posts: list[tuple[float, str, dict]] = []
+        post = b._api.post
+
+        async def recording(url: str, body: dict | None = None) -> dict:
+            out = await post(url, body)
+            posts.append((time.monotonic(), url, out))
+            return out
+
+        b._api.post = recording
+
+        async def gateway_b() -> None:
+            listed = await b.list_workers()
+            assert list(listed) == [spec.worker_id] and b.worker_alive(spec.worker_id)
+            assert (await listed[spec.worker_id].health()).spec == spec
+            slowest, t0 = 0.0, time.monotonic()
+            while time.monotonic() - t0 < 4.0:  # the tick: renew_lease returns at once
+                t = time.perf_counter()
+                b.renew_lease()
+                slowest = max(slowest, time.perf_counter() - t)
+                await asyncio.sleep(0.1)
+            renewals = [(t, out) for t, url, out in posts if url.endswith("/lease")]
+            # the worker's own answer, at most every grace / 4: at 0 s and 3 s
+            assert [out for _, out in renewals] == [{"renewed": True, "grace": 12.0}] * 2
+            assert renewals[1][0] - renewals[0][0] >= 2.9 and slowest < 0.05
+            assert posts[0][1] == f"{listed[spec.worker_id].url}/lease"
+            await b.stop_worker(spec.worker_id)
+            assert not b.worker_alive(spec.worker_id)
+            await b.aclose()
+
+        asyncio.run(gateway_b())
+        assert fake.call(fake.pod, "hydraserve", dead) is None  # not adoptable: deleted
+        assert fake.call(fake.pod, "hydraserve", name) is None  # stopped by B
+    finally:
+        if b is not None:
+            b.close()
+        a.close()
+
+
+def test_leader_election_through_a_lease(fake, tmp_path):
+    """Two and more KubernetesLeadership contenders on one Lease: one leads and renews past
+    its lease duration; after it crashes (its renewals stop, nothing released) another leads
+    within leaseDuration + retryPeriod, never before the lease ran out; after a clean release
+    the standby leads at its next try; two that write the same free Lease at once get one
+    leader and one 409 Conflict."""
+    from hydraserve.cluster.k8s_leader import KubernetesLeadership
+
+    api = kube.api_client(str(fake.write_kubeconfig(tmp_path / "kc")))
+    lease_s, retry_s = 2, 0.25
+
+    def contender(who: str) -> KubernetesLeadership:
+        return KubernetesLeadership(api, "hydraserve", "hydraserve-leader", identity=who,
+                                    lease_duration=lease_s, renew_deadline=1.5,
+                                    retry_period=retry_s)
+
+    def lease() -> dict:
+        return fake.call(fake.lease, "hydraserve", "hydraserve-leader")["spec"]
+
+    a, b, c, d, e = everyone = [contender(x) for x in "abcde"]
+    stop, got = threading.Event(), {}
+
+    def standby(x: KubernetesLeadership) -> threading.Thread:
+        t = threading.Thread(target=lambda: got.update({x.identity: x.acquire(stop),
+                                                        "at": time.monotonic()}))
+        t.start()
+        return t
+
+    try:
+        assert a.try_acquire() and a.held() and a.holder() == "a"
+        assert not b.try_acquire() and not b.held() and b.holder() == "a"
+        time.sleep(lease_s + 0.5)  # past a lease duration: a's renewals keep it
+        assert a.held() and not b.try_acquire()
+        s = lease()
+        assert (s["holderIdentity"], s["leaseTransitions"], s["leaseDurationSeconds"]) == \
+            ("a", 0, lease_s) and s["renewTime"] > s["acquireTime"]
+        waiting = standby(b)
+        a._stop.set()  # a crash: the renewals stop, nothing is released
+        a._thread.join()
+        crashed, last = time.monotonic(), a._renewed
+        waiting.join(lease_s + 5)
+        assert got.get("b") is True, "the standby never took over"
+        assert got["at"] - crashed <= lease_s + retry_s + 0.75
+        assert got["at"] - last >= lease_s - 0.05  # not before a's lease ran out
+        assert not a.held()  # a stopped leading first (renew deadline < lease duration)
+        assert (lease()["holderIdentity"], lease()["leaseTransitions"]) == ("b", 1)
+
+        waiting = standby(c)
+        time.sleep(2 * retry_s)
+        assert not c.held()
+        released = time.monotonic()
+        b.release()
+        assert not b.held()
+        waiting.join(lease_s + 5)
+        assert got.get("c") is True and got["at"] - released <= retry_s + 0.5
+        assert (lease()["holderIdentity"], lease()["leaseTransitions"]) == ("c", 2)
+
+        c.release()
+        assert lease()["holderIdentity"] == ""
+        barrier = threading.Barrier(2)  # both read the free Lease before either writes
+        for x in (d, e):
+            x._read = (lambda read: lambda: (read(), barrier.wait(10))[0])(x._read)
+        conflicts, won = fake.conflicts, {}
+        racers = [threading.Thread(target=lambda x=x: won.update({x.identity: x.try_acquire()}))
+                  for x in (d, e)]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join(15)
+        for x in (d, e):
+            del x._read
+        assert sorted(won.values()) == [False, True] and fake.conflicts == conflicts + 1
+        winner, loser = (d, e) if won["d"] else (e, d)
+        assert winner.held() and not loser.held() and loser.holder() == winner.identity
+        assert (lease()["holderIdentity"], lease()["leaseTransitions"]) == (winner.identity, 3)
+    finally:
+        stop.set()
+        for x in everyone:
+            x.release()
 
 
 @pytest.fixture(scope="module")
