@@ -341,6 +341,8 @@ class SimWorker:
             raise WorkerError(f"worker {self.spec.worker_id} is gone", 503)
         if self.standalone:
             return [self]
+        if not self.peers:  # its control plane died between its spawn and /init
+            raise WorkerError("the pipeline's ring was never joined", 503)
         ring = [self.cluster.by_port.get(port) for port in self.peers]
         if any(w is None or w.state == "stopped" for w in ring):
             raise WorkerError("a stage of the pipeline is gone", 503)
@@ -385,6 +387,10 @@ class SimWorker:
     async def consolidate(self) -> None:
         if not self.spec.all_card:
             raise WorkerError("only an all-card stage can consolidate", 400)
+        # as the real worker's timeline has it (a control plane taking over stops such a
+        # pipeline); stamped without waking a waiter, as before
+        self.timeline.setdefault("consolidation_started",
+                                 round(asyncio.get_running_loop().time() - self.t0, 6))
         self.tasks.append(asyncio.create_task(self._consolidate()))
 
     async def _consolidate(self) -> None:
