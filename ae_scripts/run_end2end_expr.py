@@ -18,6 +18,12 @@ model, one hour, outputs up to 1024 tokens); flags shrink a run to a small machi
 a simulated cluster in virtual time) at the paper's scale (the full-size hybrid testbed, GPU
 cost model) in seconds; results go to `<out>/<exec_type>-cv<CV>-rate<RATE>-sim/`.
 `--sweep` with `--sim`: every CV (2, 4, 8) x rate (0.6, 0.7, 0.8) x execution type.
+`--failover-at S [--takeover-s D]` with `--sim`: the control plane dies S seconds into the trace
+and a standby leads D seconds later (default 2), adopting the running instances
+(`hydraserve sim --failover-at`, hydraserve/sim/failover.py); results go to
+`<out>/<exec_type>-cv<CV>-rate<RATE>-sim-failover<S>-takeover<D>/`, whose summary.json (source
+"sim-failover", which the figures never prefer to a plain run) has a "failover" block against the
+same trace without it (simulated into the folder's `without-failover/`). Not with --seeds.
 `--seeds N` with `--sim`: every setting with trace seeds --seed .. --seed+N-1 (0..N-1 by
 default). The first seed's full summary stays in the setting's folder (`summary.json`, as
 without --seeds); every seed's short summary goes to `<folder>/seeds/seed<K>.json` (HydraServe's
@@ -65,8 +71,13 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def run_dir(out: Path, exec_type: str, cv: float, rate: float, sim: bool = False) -> Path:
-    return out / f"{exec_type}-cv{_num(cv)}-rate{_num(rate)}{'-sim' if sim else ''}"
+def run_dir(out: Path, exec_type: str, cv: float, rate: float, sim: bool = False,
+            failover: tuple[float, float] | None = None) -> Path:
+    """A setting's run folder; ``failover``: (S, D) of a simulated failover's."""
+    name = f"{exec_type}-cv{_num(cv)}-rate{_num(rate)}{'-sim' if sim else ''}"
+    if failover is not None:
+        name += f"-failover{_num(failover[0])}-takeover{_num(failover[1])}"
+    return out / name
 
 
 def write_configs(out: Path, exec_type: str, per_app: int, models_dir: Path) -> tuple[Path, Path]:
@@ -163,6 +174,11 @@ def main() -> None:
                          "virtual time")
     ap.add_argument("--sweep", action="store_true",
                     help="with --sim: CV 2, 4, 8 x rate 0.6, 0.7, 0.8 (the paper's 36 runs)")
+    ap.add_argument("--failover-at", type=float, default=None, metavar="S",
+                    help="with --sim: the control plane dies S seconds into the trace and a "
+                         "standby takes over (see above)")
+    ap.add_argument("--takeover-s", type=float, default=2.0, metavar="D",
+                    help="with --failover-at: seconds until the standby leads (default 2)")
     args = ap.parse_args()
     exec_types = args.exec_types.split(",")
     bad = [e for e in exec_types if e not in EXEC_TYPES]
@@ -170,6 +186,8 @@ def main() -> None:
         sys.exit(f"unknown exec type(s) {bad}; choose from {', '.join(EXEC_TYPES)}")
     if args.seeds is not None and (args.seeds < 1 or not args.sim):
         sys.exit("--seeds N needs --sim and N >= 1")
+    if args.failover_at is not None and (not args.sim or args.seeds is not None):
+        sys.exit("--failover-at needs --sim and goes without --seeds")
     out = Path(args.out)
     if args.run_dir:
         print(run_dir(out, exec_types[0], args.cv, args.rate))
@@ -234,11 +252,15 @@ def simulate(out: Path, settings: list[tuple[float, float]], exec_types: list[st
 
     first = args.seed
     seeds = range(first, first + (args.seeds or 1))
+    failover = None if args.failover_at is None else (args.failover_at, args.takeover_s)
+    failover_flags = [] if failover is None else \
+        ["--failover-at", _num(failover[0]), "--takeover-s", _num(failover[1])]
     for cv, rate in settings:
         args.cv, args.rate = cv, rate
         for et in exec_types:  # earlier seeds' summaries of a setting run again are stale
-            shutil.rmtree(run_dir(out, et, cv, rate, sim=True) / e2e.SEEDS_DIR,
-                          ignore_errors=True)
+            if failover is None:  # (a failover's run leaves the plain setting's alone)
+                shutil.rmtree(run_dir(out, et, cv, rate, sim=True) / e2e.SEEDS_DIR,
+                              ignore_errors=True)
         for seed in seeds:
             args.seed = seed
             summaries: dict[str, dict] = {}
@@ -246,11 +268,11 @@ def simulate(out: Path, settings: list[tuple[float, float]], exec_types: list[st
                 trace = Path(tmp) / "trace.jsonl"  # made again from the seed in seconds
                 make_trace(trace, args)
                 for et in exec_types:
-                    folder = run_dir(out, et, cv, rate, sim=True)
+                    folder = run_dir(out, et, cv, rate, sim=True, failover=failover)
                     where = folder if seed == first else Path(tmp) / et
                     where.mkdir(parents=True, exist_ok=True)
                     hydraserve("sim", str(trace), "--exec-type", et, "--out", str(where),
-                               "--keep-alive", _num(args.keep_alive))
+                               "--keep-alive", _num(args.keep_alive), *failover_flags)
                     summaries[et] = json.loads((where / "summary.json").read_text())
             if args.seeds is None:
                 continue

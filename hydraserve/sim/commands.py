@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -36,6 +37,17 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
                    help="judge TPOT against the SLO times this (default 1: GPU figures)")
     p.add_argument("--out", required=True, help="folder for replay.jsonl, lifecycle.jsonl, "
                                                 "summary.json")
+    p.add_argument("--failover-at", type=float, default=None, metavar="S",
+                   help="the control plane dies (as on SIGKILL) S seconds into the trace and a "
+                        "standby leads --takeover-s later, adopting the running instances "
+                        "(hydraserve/sim/failover.py); the trace is also simulated without it "
+                        "(into OUT/without-failover/) and summary.json's \"failover\" compares "
+                        "the two")
+    p.add_argument("--takeover-s", type=float, default=2.0, metavar="D",
+                   help="with --failover-at: seconds without a leader (default 2)")
+    p.add_argument("--no-client-retry", action="store_true",
+                   help="with --failover-at: a request whose connection broke or was refused "
+                        "fails (default: the client sends it again to the new leader)")
     p.set_defaults(func=_cmd_sim)
 
 
@@ -53,6 +65,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from hydraserve.control.lifecycle import read_lifecycle
+    from hydraserve.sim import failover as fo
     from hydraserve.sim.costmodel import CostModel
     from hydraserve.sim.run import SimSetting, simulate
     from hydraserve.testbeds import testbed, with_host_caches
@@ -66,16 +79,28 @@ def _simulate(args: argparse.Namespace) -> int:
                          keep_alive_s=args.keep_alive, static_p=args.static_p,
                          device="cpu" if args.cost == "local-cpu" else None)
     out = Path(args.out)
-    results, stats = simulate(records, setting, out, {"trace": Path(args.trace).name,
-                                                      "trace_meta": meta})
-    summary = summarize(results, read_lifecycle(out / "lifecycle.jsonl"),
-                        exec_type=args.exec_type, cv=meta.get("cv"), rate=meta.get("rate"),
-                        source="sim", tpot_slo_scale=args.tpot_slo_scale,
+    failover = None if args.failover_at is None else \
+        fo.Failover(args.failover_at, args.takeover_s, retry=not args.no_client_retry)
+    where = {"trace": Path(args.trace).name, "trace_meta": meta}
+    baseline = None
+    if failover is not None:  # the same trace without the failover, to compare with
+        b_results, _ = simulate(records, setting, out / "without-failover", where)
+        baseline = (b_results, read_lifecycle(out / "without-failover" / "lifecycle.jsonl"))
+        setting = dataclasses.replace(setting, failover=failover)
+    results, stats = simulate(records, setting, out, where)
+    events = read_lifecycle(out / "lifecycle.jsonl")
+    summary = summarize(results, events, exec_type=args.exec_type, cv=meta.get("cv"),
+                        rate=meta.get("rate"), source="sim" if failover is None else
+                        "sim-failover", tpot_slo_scale=args.tpot_slo_scale,
                         keep_alive_s=args.keep_alive,
                         setting={"testbed": args.testbed, "cost": args.cost,
                                  "static_p": args.static_p, "keep_alive_s": args.keep_alive,
                                  "trace": meta, "wall_s": stats["wall_s"]})
+    if failover is not None:
+        summary["failover"] = fo.report(failover, results, events, stats["failover"], baseline)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
+    if failover is not None:
+        print(fo.format_report(summary["failover"]))
     print(f"simulated {stats['requests']} requests in {stats['wall_s']:.1f} s of wall time")
     return 0
