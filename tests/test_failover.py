@@ -11,7 +11,6 @@ Every case counts its requests in the fault table, like tests/test_faults.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import threading

@@ -143,8 +143,8 @@ def test_namespaces_and_labels():
         assert d["metadata"]["labels"] == want
         assert d["spec"]["selector"]["matchLabels"] == want
         assert want.items() <= d["spec"]["template"]["metadata"]["labels"].items()
-        if kind == "Deployment":
-            assert d["spec"]["replicas"] == 1
+        if kind == "Deployment":  # the gateway: a leader and a standby (a Lease decides)
+            assert d["spec"]["replicas"] == (2 if name == "hydraserve-gateway" else 1)
         for vol in _pod_spec(d).get("volumes", []):
             if "persistentVolumeClaim" in vol:
                 assert vol["persistentVolumeClaim"] == {"claimName": "hydraserve-models",

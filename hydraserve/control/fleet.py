@@ -71,9 +71,8 @@ class Fleet:
                           max_model_len=gw.max_model_len, late_attach=not preset.prefetch,
                           streaming_load=preset.streaming_load,
                           gpu_memory_gb=s.claim.gb / cfg.scale.size_scale,
-                          engine=gw.engine, vllm_python=gw.vllm_python,
-                          size_scale=cfg.scale.size_scale, profile_s=profile_s,
-                          load_gbs=load_gbs)
+                          engine=gw.engine, vllm_python=gw.vllm_python, load_gbs=load_gbs,
+                          size_scale=cfg.scale.size_scale, profile_s=profile_s)
 
     async def _start(self, ep: Endpoint, inst: Instance) -> None:
         st, cluster, p = self.s, self.s.cluster, inst.placement.p

@@ -12,10 +12,9 @@ import argparse
 import dataclasses
 import logging
 import os
-import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from hydraserve.cluster.factory import BackendKind, build_backend, default_cluster
 from hydraserve.control.presets import ExecType, preset
@@ -26,7 +25,6 @@ from hydraserve.worker.commands import VLLM_PYTHON_HELP
 if TYPE_CHECKING:
     from hydraserve.cluster.base import ClusterBackend
     from hydraserve.config import ClusterConfig, GatewayConfig, ModelConfigEntry
-    from hydraserve.gateway.app import Gateway
 
 log = logging.getLogger("hydraserve")
 
@@ -221,7 +219,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from hydraserve.config import ModelConfigEntry, load_models
     from hydraserve.gateway.app import Gateway
-    from hydraserve.gateway.leading import cluster_home, lead, listening_socket
+    from hydraserve.gateway.leading import cluster_home, lead, listening_socket, run_server
 
     kind = BackendKind(args.cluster_backend)
     try:
@@ -254,8 +252,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
     sock = listening_socket(args.host, args.port)
     url = f"http://{args.host}:{sock.getsockname()[1]}"
-    _run_server(gateway, sock, lambda: _print_ready(url, args, len(cluster_cfg.servers), models),
-                max(0.0, args.shutdown_grace), leadership, url)
+    run_server(gateway, sock, lambda: _print_ready(url, args, len(cluster_cfg.servers), models),
+               max(0.0, args.shutdown_grace), leadership, url)
     if gateway.handing_over:
         log.info("gateway stopped; its cluster runs on under the new leader")
     else:
@@ -362,58 +360,3 @@ def _print_ready(url: str, args: argparse.Namespace, servers: int,
     python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
 print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]).choices[0].message.content)"
 """, flush=True)
-
-
-def _run_server(gateway: Gateway, sock: socket.socket, ready: Callable[[], None],
-                grace: float, leadership=None, url: str = "") -> None:
-    """Serve until SIGINT/SIGTERM; then open requests get ``grace`` seconds to finish. With a
-    standby waiting, SIGTERM hands the cluster over (`leading.hand_over`) instead of stopping
-    it."""
-    import signal
-    import threading
-
-    import uvicorn
-
-    from hydraserve.gateway.app import create_app
-    from hydraserve.gateway.leading import announce, hand_over
-
-    def on_ready() -> None:
-        if leadership is not None:
-            announce(leadership, url)
-        ready()
-
-    # a backstop: uvicorn cancels what is still running this long after the signal
-    config = uvicorn.Config(create_app(gateway, on_ready), log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=grace + 10)
-
-    class Server(uvicorn.Server):
-        handing = False  # a handover is under way (a second signal must not stop the cluster)
-
-        def handle_exit(self, sig, frame) -> None:
-            if self.handing:
-                return
-            if leadership is not None and sig == signal.SIGTERM and leadership.held() and \
-                    leadership.standby_waiting():
-                # waiting for the successor must not block the loop: the streams go on
-                self.handing = True
-                threading.Thread(target=self._hand_over, args=(sig, frame), daemon=True,
-                                 name="hand-over").start()
-                return
-            gateway.begin_drain(grace)  # open streams end with a final event, not a cut
-            super().handle_exit(sig, frame)
-
-        def _hand_over(self, sig, frame) -> None:
-            if hand_over(leadership):
-                gateway.hand_over()
-            gateway.begin_drain(grace)
-            super().handle_exit(sig, frame)
-
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
-    # signal to the handler it found: make that a no-op so a clean stop exits with status 0
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    try:
-        Server(config).run(sockets=[sock])
-    finally:
-        if leadership is not None:
-            leadership.release()

@@ -17,13 +17,18 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from hydraserve.cluster.leader import FileLeadership, Leadership
+
+if TYPE_CHECKING:
+    from hydraserve.gateway.app import Gateway
 
 log = logging.getLogger("hydraserve")
 
 LISTENING = "listening on"  # in a leader's identity once its socket is bound
 TAKEOVER_WAIT_S = 10.0  # the longest an old leader waits for its successor to listen
+LEADERSHIP_CHECK_S = 0.5  # how often a leader checks that it still leads
 
 
 class Refused(Exception):
@@ -91,8 +96,81 @@ def hand_over(leadership: Leadership) -> bool:
             log.info("the new leader listens (%s): closing this gateway's socket", holder)
             return True
         time.sleep(0.02)
-    if leadership.try_acquire():
+    if isinstance(leadership, FileLeadership) and leadership.try_acquire():
         log.warning("no standby took over within %.0f s: stopping the cluster after all",
                     TAKEOVER_WAIT_S)
         return False
+    # a Lease: the next gateway (a Deployment brings one) adopts the pods within their grace
+    log.warning("no gateway took over within %.0f s: the cluster is left to the next one (its "
+                "processes wait for the orphan grace)", TAKEOVER_WAIT_S)
     return True
+
+
+def run_server(gateway: Gateway, sock: socket.socket, ready: Callable[[], None], grace: float,
+               leadership: Leadership | None = None, url: str = "") -> None:
+    """Serve until SIGINT/SIGTERM; then open requests get ``grace`` seconds to finish. With a
+    standby waiting, SIGTERM hands the cluster over (`hand_over`) instead of stopping it; a
+    leader that loses its leadership (a Lease it could not renew) leaves the cluster to the new
+    one the same way."""
+    import signal
+
+    import uvicorn
+
+    from hydraserve.gateway.app import create_app
+
+    def on_ready() -> None:
+        if leadership is not None:
+            announce(leadership, url)
+        ready()
+
+    # a backstop: uvicorn cancels what is still running this long after the signal
+    config = uvicorn.Config(create_app(gateway, on_ready), log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=grace + 10)
+
+    class Server(uvicorn.Server):
+        handing = False  # a handover is under way (a second signal must not stop the cluster)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.handing:
+                return
+            if leadership is not None and sig == signal.SIGTERM and leadership.held() and \
+                    leadership.standby_waiting():
+                # waiting for the successor must not block the loop: the streams go on
+                self.handing = True
+                threading.Thread(target=self._hand_over, args=(sig, frame), daemon=True,
+                                 name="hand-over").start()
+                return
+            gateway.begin_drain(grace)  # open streams end with a final event, not a cut
+            super().handle_exit(sig, frame)
+
+        def _hand_over(self, sig, frame) -> None:
+            if hand_over(leadership):
+                gateway.hand_over()
+            gateway.begin_drain(grace)
+            super().handle_exit(sig, frame)
+
+        def watch_leadership(self) -> None:
+            while not self.should_exit and not self.handing:
+                if not leadership.held():
+                    log.error("leadership lost (%s leads now): leaving the cluster to it",
+                              leadership.holder() or "another gateway")
+                    self.handing = True
+                    gateway.hand_over()
+                    gateway.begin_drain(grace)
+                    super().handle_exit(signal.SIGTERM, None)
+                    return
+                time.sleep(LEADERSHIP_CHECK_S)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM (running our cleanup), then re-raises the
+    # signal to the handler it found: make that a no-op so a clean stop exits with status 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server = Server(config)
+    if leadership is not None:
+        threading.Thread(target=server.watch_leadership, daemon=True,
+                         name="leadership").start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if leadership is not None:
+            leadership.release()

@@ -48,6 +48,8 @@ async def serve(app: web.Application, host: str, port: int, what: str,
     without waiting to fail a write). Returns whether it left because its lease lapsed."""
     require_token(app, token)
     if lease is not None and lease.path is None:
+        lease.renew()  # its grace counts from now, when its control plane can first renew it
+
         async def renew(_: web.Request) -> web.Response:
             lease.renew()
             return web.json_response({"renewed": True, "grace": lease.grace})
