@@ -202,13 +202,13 @@ def test_a_standby_takes_over_a_killed_leader_warm(site):
 
 def test_a_restart_within_the_grace_adopts_the_cluster_warm(site):
     s = site()
-    first = s.serve()
+    first = s.serve("--warm-runtime", "1")  # its workers were pooled runtimes: adopted too
     texts = _warm(s)
     before = s.instances()
     cluster = s.note(first)
     kill(first.proc.pid, signal.SIGKILL)
     time.sleep(1)
-    s.serve()
+    s.serve("--warm-runtime", "1")
     counts = Counts()
     outcome = _complete(s.client())
     counts.add([outcome])

@@ -89,8 +89,7 @@ class LocalCluster(HttpServices):
         egress = ["--egress-gbps", str(self.cfg.egress_gbps / scale)] if self.cfg.egress_gbps else []
         cleanup = ["--orphan-cleanup", str(self.home)] if self._owns_home else []
         self._args["store"] = ["store", "serve", "--root", str(self.root), *egress, *lease, *cleanup]
-        self._store = self._found(self.record.store if found else None, self._args["store"],
-                                  "store serve")
+        self._store = self._found(self.record.store if found else None, self._args["store"])
         if self._store is None:
             self._store = ServerProcess(self._args["store"], self.log_dir / "store.log")
             self.record.set_store(Entry(self._store.proc.pid, self._store.url,
@@ -100,7 +99,7 @@ class LocalCluster(HttpServices):
                                   "--nic-gbps", str(s.nic_gbps / scale),
                                   "--cache-gb", str(s.cache_gb / scale), *lease]
             agent = self._found(self.record.agents.get(s.name) if found else None,
-                                self._args[s.name], f"--node {s.name} ")
+                                self._args[s.name])
             self._agents[s.name] = agent or ServerProcess(
                 self._args[s.name], self.log_dir / f"agent-{s.name}.log", wait=False)
         for name, a in self._agents.items():
@@ -117,10 +116,15 @@ class LocalCluster(HttpServices):
         self._watcher = threading.Thread(target=self._watch, name="cluster-watch", daemon=True)
         self._watcher.start()
 
-    def _found(self, entry: Entry | None, args: list[str], marker: str) -> ServerProcess | None:
+    def _ours(self, pid: int) -> bool:
+        """Whether ``pid`` is a live process of this cluster (it holds this home's lease: a
+        reused pid, or another cluster's process, does not)."""
+        return pid_alive(pid, f"--lease {self.lease.path}")
+
+    def _found(self, entry: Entry | None, args: list[str]) -> ServerProcess | None:
         """The process of a record entry, adopted when it runs with ``args``; one that runs with
         other arguments is stopped (None either way then)."""
-        if entry is None or entry.url is None or not pid_alive(entry.pid, marker):
+        if entry is None or entry.url is None or not self._ours(entry.pid):
             return None
         proc = AdoptedProcess(entry.pid, entry.url, entry.args, self.log_dir / "adopted.log")
         if entry.args != args:
@@ -135,7 +139,7 @@ class LocalCluster(HttpServices):
         """Stop the agents of the record that this cluster has no server for any more."""
         for name, entry in list(self.record.agents.items()) if found else ():
             if name not in self._agents:
-                if pid_alive(entry.pid, f"--node {name} "):
+                if self._ours(entry.pid):
                     AdoptedProcess(entry.pid, entry.url, entry.args, os.devnull).stop(timeout=10)
                 self.record.set_agent(name, None)
 
@@ -342,7 +346,9 @@ class LocalCluster(HttpServices):
                 if known.proc.poll() is None and known.url:
                     out[wid] = HttpWorker(self._api, known.url)
                 continue
-            alive = pid_alive(entry.pid, f"--worker-id {wid} ")
+            # a worker that was a pooled runtime has a runtime's command line: which worker it
+            # is, its health says (the control plane checks the spec it reports)
+            alive = self._ours(entry.pid)
             proc = AdoptedProcess(entry.pid, entry.url, [], self.log_dir / "adopted.log")
             if alive and entry.url:
                 with self._lock:

@@ -8,9 +8,10 @@ What each worker reports in its health (its `WorkerSpec` and phase) decides:
   a whole ready pipeline           adopted ready, every rank present and joined, none of its
                                    stages consolidating; it consolidates again if it can
   anything else                    stopped and logged: a stage still loading (its start was
-                                   the dead control plane's), a pipeline missing a stage or
-                                   caught mid-consolidation, a failed worker, a model that is
-                                   not registered here
+                                   the dead control plane's), a pipeline missing a stage, never
+                                   joined or caught mid-consolidation, a failed worker, a model
+                                   that is not registered here; in the lifecycle log its stages
+                                   end ("deleted", or "released" where the rest was adopted)
 Adopted instances take no NIC booking (their weights are in) and count no cold start.
 """
 from __future__ import annotations
@@ -62,9 +63,10 @@ async def adopt(state: ControlState) -> Adoption:
     groups: dict[str, list[Found]] = defaultdict(list)
     stop: list[tuple[WorkerClient, str, str]] = []  # client, worker id, why
     for (wid, client), h in zip(clients.items(), healths):
-        if isinstance(h, BaseException) or h.spec is None:
+        if isinstance(h, BaseException) or h.spec is None or h.spec.worker_id != wid:
             why = f"its health is unreadable ({h})" if isinstance(h, BaseException) else \
-                "it does not report its spec"
+                "it does not report its spec" if h.spec is None else \
+                f"it reports being {h.spec.worker_id}"
             stop.append((client, wid, why))
             continue
         groups[h.spec.instance or h.spec.worker_id].append(Found(client, h))
@@ -84,6 +86,11 @@ async def adopt(state: ControlState) -> Adoption:
             adopted.append(_instance(state, ep, iid, sorted(rest, key=lambda f: f.spec.rank)))
         elif rest:
             stop += [(f.client, f.spec.worker_id, why) for f in rest]
+            # the lifecycle log charges their stages until now, no longer
+            if solo:
+                state.log("released", instance=iid, ranks=sorted(f.spec.rank for f in rest))
+            else:
+                state.log("deleted", instance=iid, state="stopped", error=why)
     for _, wid, why in stop:
         log.warning("worker %s cannot be adopted (%s): stopping it", wid, why)
     await asyncio.gather(*(state.cluster.stop_worker(wid) for _, wid, _ in stop))
@@ -113,6 +120,8 @@ def _pipeline_problem(stages: list[Found]) -> str | None:
     if sorted(f.spec.rank for f in stages) != list(range(p)):
         return f"its pipeline lacks stages (found ranks {sorted(f.spec.rank for f in stages)} " \
                f"of p = {p})"
+    if p > 1 and not all(f.health.has("connected") for f in stages):
+        return "its pipeline's ring was never joined"
     if any(f.health.has("consolidation_started") for f in stages):
         return "its pipeline was caught consolidating"
     return None

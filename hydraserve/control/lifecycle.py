@@ -13,6 +13,8 @@ One JSON object per line, written as things happen; ``t`` is in seconds on the l
     {"t", "event": "adopted", "instance", "model", "p", "stages": [{"rank", "node", "gpu", "gb",
      "all_card", "created", "created_rank"}]}   a new control plane took over the stages that
                         instance "created" made as its rank "created_rank" (control/adoption.py)
+    {"t", "event": "released", "instance", "ranks": [ranks]}   stages of it that a new control
+                        plane found and stopped (the rest of it was adopted)
 
 A control plane that takes over (a restart, a standby) appends to the same log, so an analysis
 accounts every request and instance of a run.

@@ -335,6 +335,7 @@ class SimWorker:
 
     async def init(self, peers: list[Peer]) -> None:
         self.peers = [p.stage_port for p in sorted(peers, key=lambda p: p.rank)]
+        self._mark("connected")  # as a real stage once its ring is joined (adoption reads it)
 
     def _ring(self) -> list["SimWorker"]:
         if self.state == "stopped":

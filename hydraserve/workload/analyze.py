@@ -73,6 +73,9 @@ def instance_costs(events: Iterable[dict], keep_alive_s: float = 30.0) -> dict[s
                 if key not in stages:  # created before the log began
                     stages[key] = {"gb": float(s["gb"]), "start": t, "end": None}
                 owner[key] = iid
+        elif kind == "released":  # stages a new control plane found and stopped
+            for rank in e.get("ranks", ()):
+                _end(stages, (iid, int(rank)), t)
         elif kind == "request_end":
             last_token[iid] = max(last_token.get(iid, t), t)
         elif kind == "consolidated":
