@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine  # noqa: E402
-from hydraserve.store.launch import ServerProcess, pid_alive  # noqa: E402
+from hydraserve.store.launch import ServerProcess, descendants, pid_alive  # noqa: E402
 
 RATE = 5.0  # streams per second, spread over both endpoints
 MODELS = ("m1", "m2")
@@ -48,23 +48,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tree(pid: int) -> set[int]:
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
 
 
 class Site:
@@ -98,7 +81,7 @@ class Site:
 
     def close(self) -> None:
         for g in self.gateways:
-            self.procs |= _tree(g.proc.pid)
+            self.procs |= descendants(g.proc.pid)
             g.stop(timeout=30)
         deadline = time.monotonic() + 60
         while any(pid_alive(p) for p in self.procs) and time.monotonic() < deadline:
@@ -179,7 +162,7 @@ def standby(site: Site) -> dict:
     load = Load(site)
     time.sleep(3)
     under_load = site.cold_starts() - len(MODELS)  # the load's own scale-ups, before the kill
-    site.procs |= _tree(leader.proc.pid)
+    site.procs |= descendants(leader.proc.pid)
     os.kill(leader.proc.pid, signal.SIGKILL)
     killed = time.monotonic()
     first = None
@@ -199,7 +182,7 @@ def standby(site: Site) -> dict:
 def restart(site: Site) -> dict:
     first = site.serve()
     warm_s = warm(site)
-    site.procs |= _tree(first.proc.pid)
+    site.procs |= descendants(first.proc.pid)
     os.kill(first.proc.pid, signal.SIGKILL)
     time.sleep(5)
     site.serve()
@@ -211,7 +194,7 @@ def restart(site: Site) -> dict:
 def orphans(site: Site) -> dict:
     gateway = site.serve()
     warm(site)
-    procs = _tree(gateway.proc.pid)
+    procs = descendants(gateway.proc.pid)
     tmp_before = set(os.listdir(tempfile.gettempdir()))
     os.kill(gateway.proc.pid, signal.SIGKILL)
     killed = time.monotonic()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hydraserve.cluster.local import LocalCluster
 from hydraserve.config import GatewayConfig, ModelConfigEntry, cluster_from_dict
+from hydraserve.store.launch import descendants, pid_alive as alive  # noqa: F401 - re-exported
 
 
 TABLE: dict[str, tuple["Counts", str]] = {}  # fault case -> (counts, what fixed it)
@@ -203,27 +204,3 @@ def format_table(table: dict[str, tuple[Counts, str]]) -> str:
     return "\n".join(rows)
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -136,3 +136,21 @@ def pid_alive(pid: int, marker: str | None = None) -> bool:
     except (OSError, IndexError):
         return False
     return True
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc): what a process started."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
