@@ -312,6 +312,7 @@ def test_the_lifecycle_log_accounts_an_adopted_instance_whole(tmp_path):
     first._file.flush()
     now[0] = 20  # the successor adopts both halves and deletes them later
     second = LifecycleLog(path, clock=lambda: now[0])
+    late = LifecycleLog(path, clock=lambda: now[0])  # a standby's, made before it leads
     second.write("adopted", instance="m-0", model="m", p=1, stages=[
         {"rank": 0, "node": "n0", "gpu": 0, "gb": 10, "all_card": True, "created": "m-0",
          "created_rank": 0}])
@@ -322,7 +323,11 @@ def test_the_lifecycle_log_accounts_an_adopted_instance_whole(tmp_path):
     second.write("deleted", instance="m-0", state="stopped", error=None)
     now[0] = 40
     second.write("deleted", instance="m-0.r1", state="stopped", error=None)
-    events = read_lifecycle(path)
+    second._file.write('{"t": 40.5, "event": "req')
+    second._file.flush()
+    now[0] = 41
+    late.write("ready", instance="m-9")  # after a successor that died mid-line too
+    events = read_lifecycle(path)[:-1]
     assert [e["event"] for e in events] == ["created", "consolidated", "adopted", "adopted",
                                             "deleted", "deleted"]
     costs = instance_costs(events)

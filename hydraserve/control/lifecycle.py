@@ -49,20 +49,25 @@ class LifecycleLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
-        torn = _ends_torn(self.path)
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
-        if torn:  # a predecessor died mid-line: its torn line stays a line of its own
-            self._file.write("\n")
+        self._file: IO[str] | None = None  # opened at the first event (a standby's: once it leads)
+        self._closed = False
 
     def write(self, event: str, **fields) -> None:
         line = json.dumps({"t": round(self._clock(), 6), "event": event, **fields})
         with self._lock:
-            if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
+            if self._closed:
+                return
+            if self._file is None:
+                torn = _ends_torn(self.path)
+                self._file = open(self.path, "a", encoding="utf-8")
+                if torn:  # a predecessor died mid-line: its torn line stays a line of its own
+                    self._file.write("\n")
+            self._file.write(line + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._file is not None:
                 self._file.close()
                 self._file = None
