@@ -310,6 +310,9 @@ def _cluster(args: argparse.Namespace,
     from hydraserve.config import load_cluster
 
     cfg = load_cluster(args.cluster) if args.cluster else default_cluster(kind)
+    if not args.orphan_grace > 0:
+        raise Refused("--orphan-grace must be a positive number of seconds")
+    cfg = dataclasses.replace(cfg, orphan_grace_s=args.orphan_grace)
     backend = None
     if kind is BackendKind.KUBERNETES:
         try:
@@ -319,9 +322,6 @@ def _cluster(args: argparse.Namespace,
             raise Refused(f"--cluster-backend kubernetes: {type(e).__name__}: {e}") from None
         cfg = backend.cluster_config()
     cfg = cfg.with_host_cache(preset(args.exec_type).cache)
-    if not args.orphan_grace > 0:
-        raise Refused("--orphan-grace must be a positive number of seconds")
-    cfg = dataclasses.replace(cfg, orphan_grace_s=args.orphan_grace)
     if args.warm_runtime is not None:
         if args.warm_runtime < 0:
             raise Refused("--warm-runtime must be >= 0")
