@@ -37,7 +37,7 @@ def _spec_on(cluster_cfg, exec_type: ExecType, node: str, engine: str = "hydrase
         c = Controller(backend, cluster_cfg, GatewayConfig(engine=engine), preset(exec_type))
         stage = Stage(0, node, True, Claim(0, node, 0, 12.0), "m-r0", layers=(0, 4))
         ep = SimpleNamespace(name="m", num_kv_blocks=64)
-        inst = SimpleNamespace(placement=SimpleNamespace(p=1))
+        inst = SimpleNamespace(id="m-0", placement=SimpleNamespace(p=1))
         return c.fleet.spec(ep, inst, stage)
     finally:
         backend.close()
