@@ -66,9 +66,9 @@ def test_a_worker_adopts_a_runtime_and_the_pool_refills(cluster, model_dirs):
     wait_for(lambda: len(cluster.pool()["n0"]) == 1 and cluster.pool()["n0"][0] != runtime,
              what="a refill on n0")
     # the same tokens as a worker started the ordinary way
-    with cluster._lock:
-        idle = cluster._pool["n1"][:]
-        cluster._pool["n1"].clear()  # an empty pool: the ordinary start
+    with cluster.runtimes.lock:
+        idle = cluster.runtimes.idle["n1"][:]
+        cluster.runtimes.idle["n1"].clear()  # an empty pool: the ordinary start
     for p in idle:
         p.stop()
     ref, _ = serve_one(cluster, "w-cold", "n1", model_dirs["llama"])

@@ -13,31 +13,26 @@ here holds that lease and exits by itself once it was not renewed for the orphan
 agents and the workers its predecessor left (`start`, `list_workers`) instead of starting new
 ones, and `detach` leaves them all running for such a successor.
 
-With ``warm_runtimes: N`` each server keeps N pre-started runtimes (``hydraserve runtime``:
-torch, the engine and the HTTP stack imported, on CUDA the context made). A worker start adopts
-one (its spec goes down the runtime's stdin; nothing forks) and a replacement is started at
-once, importing at the idle CPU priority so that it never slows the cold start in progress. A
-runtime found dead is discarded and replaced; with none left, a worker starts the ordinary way.
+With ``warm_runtimes: N`` each server keeps N pre-started runtimes that worker starts adopt
+(`pool.RuntimePool`).
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 from hydraserve.cluster.base import WorkerSpec, model_weights_gb, worker_args
 from hydraserve.cluster.http import HttpApi, HttpServices, HttpWorker
+from hydraserve.cluster.pool import RuntimePool
 from hydraserve.cluster.record import ClusterRecord, Entry
 from hydraserve.lease import RENEW_EVERY_S, Lease, renew_file
-from hydraserve.protocol import RUNTIME_READY, RuntimeAssignment
+from hydraserve.protocol import RuntimeAssignment
 from hydraserve.config import ClusterConfig, ServerConfig
 from hydraserve.store.agent import SHM_PREFIX
 from hydraserve.store.launch import AdoptedProcess, ServerProcess, pid_alive
@@ -76,9 +71,7 @@ class LocalCluster(HttpServices):
         self._restarts = 0
         self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._pool: dict[str, list[ServerProcess]] = {s.name: [] for s in cfg.servers}
-        self._runtime_ids = itertools.count()
-        self.adopted = 0  # worker starts that adopted a pooled runtime
+        self.runtimes = RuntimePool(cfg, self.log_dir, self.lease.args())
 
     def start(self) -> None:
         """Adopt the store and agents a predecessor left on this home (alive, started with the
@@ -106,9 +99,7 @@ class LocalCluster(HttpServices):
             a.wait_ready()
             self.record.set_agent(name, Entry(a.proc.pid, a.url, self._args[name]))
         self._stop_unknown(found)
-        for s in self.cfg.servers:
-            for _ in range(self.cfg.warm_runtimes):
-                self._add_runtime(s.name)
+        self.runtimes.fill()
         log.info("local cluster %s: store %s, %d agents (of these %d processes, %d were "
                  "adopted from the control plane before), %d warm runtime(s) per server",
                  self.home, self._store.url, len(self._agents), len(self._agents) + 1,
@@ -150,63 +141,7 @@ class LocalCluster(HttpServices):
             self._renewed = now
             renew_file(self.lease.path)
 
-    # -- the warm runtime pool ---------------------------------------------------------------
-    def _add_runtime(self, node: str) -> None:
-        with self._lock:
-            if self._closing.is_set():
-                return
-            n = next(self._runtime_ids)
-        proc = ServerProcess(["runtime", "--device", self.cfg.device, "--idle-imports",
-                              *self.lease.args()],
-                             self.log_dir / f"runtime-{node}-{n}.log", wait=False,
-                             stdin_pipe=True)
-        # the first line it prints says its imports are done; this thread is its only reader
-        # until then (a worker's wait_ready reads the lines after it)
-        proc.imported = threading.Event()
-        proc.reader = threading.Thread(target=self._read_ready, args=(proc,), daemon=True)
-        proc.reader.start()
-        with self._lock:
-            if not self._closing.is_set():
-                self._pool[node].append(proc)
-                return
-        proc.stop()
-
-    @staticmethod
-    def _read_ready(proc: ServerProcess) -> None:
-        try:
-            if proc.proc.stdout.readline().startswith(RUNTIME_READY):
-                proc.imported.set()
-        except (OSError, ValueError):  # closed: it was stopped
-            pass
-
-    def _adopt(self, node: str, job: RuntimeAssignment) -> ServerProcess | None:
-        """A pooled runtime of ``node`` that took ``job``, or None when none is alive."""
-        while True:
-            with self._lock:
-                if not self._pool.get(node):
-                    return None
-                proc = self._pool[node].pop(0)
-            if proc.proc.poll() is None:
-                try:
-                    proc.proc.stdin.write(json.dumps(job.to_json()) + "\n")
-                    proc.proc.stdin.flush()
-                except OSError:  # it died between the check and the write
-                    pass
-                else:
-                    try:  # one still importing at idle priority: finish at the normal one
-                        os.sched_setscheduler(proc.proc.pid, os.SCHED_OTHER, os.sched_param(0))
-                    except (AttributeError, OSError):
-                        pass
-                    return proc
-            log.warning("node %s: pooled runtime pid %d died while idle (exit %s); replacing it",
-                        node, proc.proc.pid, proc.proc.poll())
-            proc.stop(timeout=5)
-            self._refill(node)
-
-    def _refill(self, node: str) -> None:
-        threading.Thread(target=self._add_runtime, args=(node,), daemon=True,
-                         name=f"refill-{node}").start()
-
+    # -- the warm runtime pool (`pool.RuntimePool`) -----------------------------------------
     def warm_pool(self) -> dict[str, dict[str, int]]:
         idle, imported = self.pool(), self.pool(imported=True)
         return {node: {"idle": len(pids), "imported": len(imported[node])}
@@ -223,10 +158,12 @@ class LocalCluster(HttpServices):
     def pool(self, imported: bool = False) -> dict[str, list[int]]:
         """The pids of each server's idle pooled runtimes that are alive (``imported``: and
         whose imports are done)."""
-        with self._lock:
-            return {node: [p.proc.pid for p in procs if p.proc.poll() is None
-                           and (not imported or p.imported.is_set())]
-                    for node, procs in self._pool.items()}
+        return self.runtimes.pids(imported)
+
+    @property
+    def adopted(self) -> int:
+        """Worker starts that adopted a pooled runtime."""
+        return self.runtimes.adopted
 
     # -- supervision -------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -310,12 +247,10 @@ class LocalCluster(HttpServices):
         agent = self.agent_url(spec.node)
         proc = None
         if spec.engine == "hydraserve" and spec.device == self.cfg.device:
-            proc = self._adopt(spec.node, RuntimeAssignment(spec, agent))
+            proc = self.runtimes.take(spec.node, RuntimeAssignment(spec, agent))
         if proc is not None:
             log.info("worker %s: adopted the warm runtime pid %d on %s", spec.worker_id,
                      proc.proc.pid, spec.node)
-            self.adopted += 1
-            self._refill(spec.node)
         else:
             proc = ServerProcess([*worker_args(spec, agent), *self.lease.args()],
                                  self.log_dir / f"worker-{spec.worker_id}.log", wait=False)
@@ -402,13 +337,8 @@ class LocalCluster(HttpServices):
     def _let_go(self) -> None:
         """Stop supervising and refilling; stop the idle pooled runtimes (they read their
         assignment from this process: no successor can adopt them)."""
-        with self._lock:
-            self._closing.set()
-            idle = [p for procs in self._pool.values() for p in procs]
-            for procs in self._pool.values():
-                procs.clear()
-        for p in idle:
-            p.stop(timeout=5)
+        self._closing.set()
+        self.runtimes.close()
         if self._watcher is not None:
             self._watcher.join(30)
 
