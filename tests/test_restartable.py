@@ -252,7 +252,7 @@ def test_adoption_keeps_what_serves_and_stops_the_rest():
     cfg = ClusterConfig(servers=tuple(ServerConfig(f"n{i}", (24.0,), 16.0) for i in range(4)))
     shapes = {"m": ModelShape("m", 4.0, 4), "gone": ModelShape("gone", 4.0, 4)}
     model_cfg = ModelConfig(Arch.LLAMA, 512, 64, 4, 4, 2, 16, 128, 256)
-    gw = GatewayConfig(port=0, batch_capacity=8)
+    gw = GatewayConfig(port=0, batch_capacity=8, keep_alive_s=3600)
 
     def ws(wid, inst, node, rank, p, layers, all_card, model="m"):
         return WorkerSpec(wid, model, node, rank, p, layers, all_card, 8, instance=inst,
@@ -266,14 +266,17 @@ def test_adoption_keeps_what_serves_and_stops_the_rest():
                  ws("b-r0", "m-5", "n1", 0, 2, (0, 2), True),  # a whole pipeline
                  ws("b-r1", "m-5", "n2", 1, 2, (2, 4), False),
                  ws("c-r0", "m-7", "n3", 0, 2, (0, 2), False),  # rank 1 is missing
-                 ws("d-r0", "gone-9", "n3", 0, 1, (0, 4), True, model="gone")]  # unregistered
+                 ws("d-r0", "gone-9", "n3", 0, 1, (0, 4), True, model="gone"),  # unregistered
+                 ws("f-r0", "m-11", "n0", 0, 2, (0, 2), True),  # a pipeline consolidating
+                 ws("f-r1", "m-11", "n1", 1, 2, (2, 4), False)]
         for s in ready:
             await cluster.start_worker(s)
         await asyncio.gather(*(cluster.wait_worker(s.worker_id) for s in ready))
-        for w in ("b-r0", "b-r1", "c-r0"):
+        for w in ("b-r0", "b-r1", "c-r0", "f-r0", "f-r1"):
             await cluster.workers[w].init([])
         while any(cluster.workers[s.worker_id].state != "ready" for s in ready):
             await asyncio.sleep(0.5)
+        await cluster.workers["f-r0"].consolidate()  # the dead control plane's order
         await cluster.start_worker(ws("e-r0", "m-8", "n2", 0, 1, (0, 4), True))  # loading
         c = Controller.build(cluster, cfg, gw, clock=asyncio.get_running_loop().time,
                              lifecycle_clock=asyncio.get_running_loop().time)
@@ -284,15 +287,20 @@ def test_adoption_keeps_what_serves_and_stops_the_rest():
         alive = sorted(await cluster.list_workers())
         gb = sum(cl.gb for cl in c.state.gpus.claims())
         new = c.state.new_id("m")
+        await asyncio.sleep(600)  # the consolidation it found under way finishes
+        merged = c.instance("m-11")
+        after = (len(merged.stages), merged.consolidated, sorted(await cluster.list_workers()))
         await c.close()
-        return out, alive, gb, new
+        return out, alive, gb, new, after
 
     with loop.no_wall_clock(["hydraserve.control.adoption", "hydraserve.sim.cluster"]):
-        out, alive, gb, new = loop.run(main())
-    assert out == {"m-3": (1, "ready", False), "m-5": (2, "ready", True)}
-    assert alive == ["a-r0", "b-r0", "b-r1"]  # the rest were stopped
-    assert gb == 27.0  # the ledger holds the adopted claims exactly
-    assert new == "m-6"  # new instances are numbered past the adopted ones
+        out, alive, gb, new, after = loop.run(main())
+    assert out == {"m-3": (1, "ready", False), "m-5": (2, "ready", True),
+                   "m-11": (2, "ready", True)}
+    assert alive == ["a-r0", "b-r0", "b-r1", "f-r0", "f-r1"]  # the rest were stopped
+    assert gb == 45.0  # the ledger holds the adopted claims exactly
+    assert new == "m-12"  # new instances are numbered past the adopted ones
+    assert after[:2] == (1, True) and "f-r1" not in after[2]  # its consolidation finished
 
 
 def test_the_lifecycle_log_accounts_an_adopted_instance_whole(tmp_path):

@@ -5,11 +5,12 @@ admits a request, so that warm instances stay warm (the cluster is the record).
 What each worker reports in its health (its `WorkerSpec` and phase) decides:
   a ready standalone worker        an instance of one stage (a whole model, or a consolidated
                                    pipeline's all-card stage), adopted ready
-  a whole ready pipeline           adopted ready, every rank present and joined, none of its
-                                   stages consolidating; it consolidates again if it can
+  a whole ready pipeline           adopted ready, every rank present and joined; if it has
+                                   all-card stages it consolidates (a consolidation the dead
+                                   control plane began finishes: asking a stage again is a no-op)
   anything else                    stopped and logged: a stage still loading (its start was
-                                   the dead control plane's), a pipeline missing a stage, never
-                                   joined or caught mid-consolidation, a failed worker, a model
+                                   the dead control plane's), a pipeline missing a stage or
+                                   never joined, a failed worker, a model
                                    that is not registered here; in the lifecycle log its stages
                                    end ("deleted", or "released" where the rest was adopted)
 Adopted instances take no NIC booking (their weights are in) and count no cold start.
@@ -122,8 +123,6 @@ def _pipeline_problem(stages: list[Found]) -> str | None:
                f"of p = {p})"
     if p > 1 and not all(f.health.has("connected") for f in stages):
         return "its pipeline's ring was never joined"
-    if any(f.health.has("consolidation_started") for f in stages):
-        return "its pipeline was caught consolidating"
     return None
 
 

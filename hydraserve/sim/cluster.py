@@ -388,8 +388,9 @@ class SimWorker:
     async def consolidate(self) -> None:
         if not self.spec.all_card:
             raise WorkerError("only an all-card stage can consolidate", 400)
-        # as the real worker's timeline has it (a control plane taking over stops such a
-        # pipeline); stamped without waking a waiter, as before
+        if "consolidation_started" in self.timeline:
+            return  # under way (a control plane that took over asks again): as the real worker
+        # as the real worker's timeline has it; stamped without waking a waiter, as before
         self.timeline.setdefault("consolidation_started",
                                  round(asyncio.get_running_loop().time() - self.t0, 6))
         self.tasks.append(asyncio.create_task(self._consolidate()))
