@@ -4,18 +4,21 @@ serve` processes on a local cluster; the official openai client with its own ret
     python benchmarks/failover.py [--runs 5] [--grace 10] [--json]
 
 Each run is a fresh cluster on a free port with two endpoints of SmolLM2-135M-Instruct (m1, m2),
-both warmed first. Four scenarios, each ``--runs`` times:
+both warmed first. Five scenarios, each ``--runs`` times:
 
-  standby    kill -9 of the leader with a standby up, under 5 streams/s on both endpoints:
-             seconds from the kill to the first answer from the standby, cold starts after the
-             kill (the new leader's counter), streams that failed (only those the dead leader
-             relayed may) and requests sent after the kill that failed (none may)
+  standby    kill -9 of the leader with a standby up, under --rate streams/s on both
+             endpoints: seconds from the kill until the standby listens and until its first
+             answer (behind the load's own requests), cold starts after the kill (the new
+             leader's counter), streams that failed (only those the dead leader relayed may) and
+             requests sent after the kill that failed (none may)
   restart    kill -9 with no standby, `serve` again 5 s later: the first answer's latency
              against the warm latency before the kill, and cold starts after
   orphans    kill -9 with nothing after: seconds until no process of the cluster is left
              (--grace is its orphan grace), shared-memory segments and temporary folders left
-  rolling    SIGTERM of the leader with a standby up, under 5 streams/s: failed requests and
-             cold starts (both must be 0)
+  rolling    SIGTERM of the leader with a standby up, under --rate streams/s: failed requests
+             and cold starts (both must be 0)
+  steady     the control: the rolling scenario's load on the same leader, no restart (the
+             cold starts the load makes by itself; the leader's counter less the warm-up's)
 
 It prints medians over the runs with the machine's name. The machine must be otherwise quiet.
 """
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine  # noqa: E402
 from hydraserve.store.launch import ServerProcess, descendants, pid_alive  # noqa: E402
 
-RATE = 5.0  # streams per second, spread over both endpoints
+RATE = 5.0  # streams per second, spread over both endpoints (--rate)
 MODELS = ("m1", "m2")
 
 
@@ -165,14 +168,21 @@ def standby(site: Site) -> dict:
     site.procs |= descendants(leader.proc.pid)
     os.kill(leader.proc.pid, signal.SIGKILL)
     killed = time.monotonic()
-    first = None
+    listens = first = None
+    while listens is None and time.monotonic() - killed < 60:
+        try:
+            with urllib.request.urlopen(site.url + "/health", timeout=5):
+                listens = time.monotonic() - killed
+        except OSError:
+            time.sleep(0.02)
     client = site.client(retries=8)
     while first is None and time.monotonic() - killed < 60:
         if ask(client, MODELS[0])[0]:
             first = time.monotonic() - killed
     time.sleep(3)
     rows = load.stop()
-    return {"serves_after_s": first, "cold_starts_before": under_load,
+    return {"listens_after_s": listens, "answers_after_s": first,
+            "cold_starts_before": under_load,
             "cold_starts_after": site.cold_starts(),
             "streams": len(rows), "failed_in_flight": sum(1 for s, ok, t in rows
                                                          if not ok and s < killed),
@@ -208,7 +218,7 @@ def orphans(site: Site) -> dict:
             "segments_left": len(segments), "tmp_left": len(new_tmp)}
 
 
-def rolling(site: Site) -> dict:
+def rolling(site: Site, restart: bool = True) -> dict:
     leader = site.serve()
     warm(site)
     site.serve("--standby", wait=False)
@@ -216,25 +226,40 @@ def rolling(site: Site) -> dict:
     load = Load(site)
     time.sleep(3)
     under_load = site.cold_starts() - len(MODELS)
-    leader.proc.send_signal(signal.SIGTERM)
-    leader.proc.wait(120)
+    if restart:
+        leader.proc.send_signal(signal.SIGTERM)
+        leader.proc.wait(120)
+    else:  # the control: the same load for as long, on the same leader
+        time.sleep(2)
     time.sleep(3)
     rows = load.stop()
+    after = site.cold_starts() - (0 if restart else len(MODELS))
     return {"streams": len(rows), "failed": sum(1 for _, ok, _ in rows if not ok),
-            "cold_starts_before": under_load, "cold_starts_after": site.cold_starts(), "old_leader_exit": leader.proc.returncode}
+            "cold_starts_before": under_load, "cold_starts_after": after,
+            "old_leader_exit": leader.proc.returncode}
 
 
-SCENARIOS = {"standby": standby, "restart": restart, "orphans": orphans, "rolling": rolling}
+def steady(site: Site) -> dict:
+    """The rolling scenario's load without the restart: the scale-ups the load makes itself."""
+    return rolling(site, restart=False)
+
+
+SCENARIOS = {"standby": standby, "restart": restart, "orphans": orphans, "rolling": rolling,
+             "steady": steady}
 
 
 def main() -> int:
+    global RATE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--grace", type=float, default=10.0, help="the clusters' --orphan-grace")
+    ap.add_argument("--rate", type=float, default=RATE,
+                    help=f"the load's streams per second (default: {RATE:g})")
     ap.add_argument("--only", choices=sorted(SCENARIOS), action="append")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the clusters are stopped on the way
+    RATE = args.rate
     from hydraserve.cli import _cache_root
     from hydraserve.gateway.commands import default_model
 
@@ -253,14 +278,14 @@ def main() -> int:
     summary = {name: {k: statistics.median(r[k] for r in rows if r[k] is not None)
                       if any(r[k] is not None for r in rows) else None for k in rows[0]}
                for name, rows in out.items()}
-    print(f"\nmachine: {machine()}; medians of {args.runs} runs (rolling: "
+    print(f"\nmachine: {machine()}; load {RATE:g} streams/s; medians of {args.runs} runs (rolling: "
           f"{sum(1 for r in out.get('rolling', []) if r['failed'] == 0)} of "
           f"{len(out.get('rolling', []))} runs with 0 failed)")
     for name, med in summary.items():
         print(f"  {name:8} " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in med.items()))
     if args.json:
-        print(json.dumps({"machine": machine(), "runs": out, "medians": summary}))
+        print(json.dumps({"machine": machine(), "rate": RATE, "runs": out, "medians": summary}))
     return 0
 
 
