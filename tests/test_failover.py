@@ -151,6 +151,13 @@ def _warm(site: Site) -> dict[str, str]:
     return {m: o.text for m, o in out.items()}
 
 
+def _is_runtime(pid: int) -> bool:
+    try:
+        return b"hydraserve.cli\0runtime" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _segments(pids: set[int]) -> list[str]:
     return [s.name for p in pids for s in Path("/dev/shm").glob(f"hs_{p}_*")]
 
@@ -206,6 +213,12 @@ def test_a_restart_within_the_grace_adopts_the_cluster_warm(site):
     texts = _warm(s)
     before = s.instances()
     cluster = s.note(first)
+    record = json.loads((s.tmp / "cache" / "clusters" / f"port-{s.port}" /
+                         "record.json").read_text())
+    recorded = {record["store"]["pid"], *(e["pid"] for e in record["agents"].values()),
+                *(e["pid"] for e in record["workers"].values())}
+    idle = {p for p in cluster - recorded if _is_runtime(p)}
+    assert idle  # the first gateway's pool had idle runtimes
     kill(first.proc.pid, signal.SIGKILL)
     time.sleep(1)
     s.serve("--warm-runtime", "1")
@@ -214,7 +227,13 @@ def test_a_restart_within_the_grace_adopts_the_cluster_warm(site):
     counts.add([outcome])
     assert outcome.kind == "answered" and outcome.text == texts["m"], outcome
     assert s.instances() == before and s.cold_starts() == 0
-    assert all(alive(p) for p in cluster)
+    # the store, the agents and the workers lived on; the idle pooled runtimes left with their
+    # gateway (they read their assignment from it), and the new one keeps its own
+    assert all(alive(p) for p in recorded)
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in idle) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in idle if alive(p)]
     _record("k. gateway SIGKILLed, served again", counts,
             "the cluster record and the leases: the new gateway adopts store, agents, workers")
 
