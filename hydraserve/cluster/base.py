@@ -118,8 +118,9 @@ class ClusterBackend(Protocol):
 
     def renew_lease(self) -> None:
         """The control plane lives: renew the lease of every process this backend started for
-        it (`hydraserve.lease`). Called on every tick; the backend acts at most every
-        `lease.RENEW_EVERY_S` or so, and must not block for long."""
+        it (`hydraserve.lease`). Called on every tick; the backend acts only as often as its
+        leases need (locally every `lease.RENEW_EVERY_S`, a Kubernetes pod every quarter of its
+        grace) and must return at once."""
 
     async def aclose(self) -> None: ...
 
