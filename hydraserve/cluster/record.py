@@ -73,19 +73,18 @@ class ClusterRecord:
         self.save()
 
     def set_agent(self, node: str, entry: Entry | None) -> None:
-        with self._lock:
-            if entry is None:
-                self.agents.pop(node, None)
-            else:
-                self.agents[node] = entry
-        self.save()
+        self._set(self.agents, node, entry)
 
     def set_worker(self, worker_id: str, entry: Entry | None) -> None:
+        self._set(self.workers, worker_id, entry)
+
+    def _set(self, table: dict[str, Entry], key: str, entry: Entry | None) -> None:
+        """``table[key] = entry`` (None: dropped), then the record is saved."""
         with self._lock:
             if entry is None:
-                self.workers.pop(worker_id, None)
+                table.pop(key, None)
             else:
-                self.workers[worker_id] = entry
+                table[key] = entry
         self.save()
 
     def save(self) -> None:

@@ -62,13 +62,13 @@ async def adopt(state: ControlState) -> Adoption:
     clients = await state.cluster.list_workers()
     healths = await asyncio.gather(*(_health(c) for c in clients.values()))
     groups: dict[str, list[Found]] = defaultdict(list)
-    stop: list[tuple[WorkerClient, str, str]] = []  # client, worker id, why
+    stop: list[tuple[str, str]] = []  # worker id, why
     for (wid, client), h in zip(clients.items(), healths):
         if isinstance(h, BaseException) or h.spec is None or h.spec.worker_id != wid:
             why = f"its health is unreadable ({h})" if isinstance(h, BaseException) else \
                 "it does not report its spec" if h.spec is None else \
                 f"it reports being {h.spec.worker_id}"
-            stop.append((client, wid, why))
+            stop.append((wid, why))
             continue
         groups[h.spec.instance or h.spec.worker_id].append(Found(client, h))
     adopted = []
@@ -86,20 +86,20 @@ async def adopt(state: ControlState) -> Adoption:
         if rest and why is None:
             adopted.append(_instance(state, ep, iid, sorted(rest, key=lambda f: f.spec.rank)))
         elif rest:
-            stop += [(f.client, f.spec.worker_id, why) for f in rest]
+            stop += [(f.spec.worker_id, why) for f in rest]
             # the lifecycle log charges their stages until now, no longer
             if solo:
                 state.log("released", instance=iid, ranks=sorted(f.spec.rank for f in rest))
             else:
                 state.log("deleted", instance=iid, state="stopped", error=why)
-    for _, wid, why in stop:
+    for wid, why in stop:
         log.warning("worker %s cannot be adopted (%s): stopping it", wid, why)
-    await asyncio.gather(*(state.cluster.stop_worker(wid) for _, wid, _ in stop))
+    await asyncio.gather(*(state.cluster.stop_worker(wid) for wid, _ in stop))
     _number_after(state, [i.id for i in adopted] + _logged_ids(state))
     if adopted or stop:
         log.info("adopted %d instance(s) from the cluster (%s); stopped %d worker(s)",
                  len(adopted), ", ".join(i.id for i in adopted) or "-", len(stop))
-    return Adoption([i.id for i in adopted], [wid for _, wid, _ in stop])
+    return Adoption([i.id for i in adopted], [wid for wid, _ in stop])
 
 
 async def _health(client: WorkerClient) -> WorkerHealth | BaseException:
